@@ -1,0 +1,187 @@
+"""One loader for every stage: the student in 4-bit or not, unsloth or not.
+
+SFT, self-correction DPO, rollouts and evaluation all get their model here, so
+the quirks are handled once:
+
+* ``backend: auto`` picks unsloth's ``FastLanguageModel`` when CUDA and unsloth
+  are present, else transformers + bitsandbytes + peft (the path that also runs
+  on CPU).
+* bitsandbytes 0.50 on CPUs with AVX512-BF16 repacks 4-bit weights for
+  inference the first time a layer runs an eval-mode forward; training after
+  that breaks (Qwen2 raises, Llama silently loses gradients in early LoRA
+  layers). Rollouts and evaluation run between training stages, so every
+  ``Linear4bit`` gets ``support_avx512bf16_for_cpu = False`` after loading.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .default_model import resolve_model
+from .errors import UserError
+from .recipe import LoraCfg, ModelCfg
+
+
+@dataclass
+class Loaded:
+    model: Any
+    tokenizer: Any
+    backend: str  # "transformers" or "unsloth"
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def unsloth_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("unsloth") is not None
+
+
+def pick_backend(cfg: ModelCfg) -> str:
+    if cfg.backend == "unsloth":
+        if not cuda_available():
+            raise UserError("model.backend: unsloth needs a CUDA GPU; use auto or transformers")
+        if not unsloth_available():
+            raise UserError("model.backend: unsloth is not installed (pip install -r requirements-gpu.txt)")
+        return "unsloth"
+    if cfg.backend == "auto" and cuda_available() and unsloth_available():
+        return "unsloth"
+    return "transformers"
+
+
+def torch_dtype(name: str) -> Any:
+    """``auto``: bfloat16 on a GPU that has it, float16 on an older GPU, float32 on CPU."""
+    import torch
+
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def disable_bnb_cpu_repack(model: Any) -> int:
+    """Keep bitsandbytes from repacking 4-bit weights on CPU (see module doc)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    n = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def bnb_config(dtype: Any) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+
+
+def load_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        # Models without a pad token: pad with EOS; attention masks keep it out of the loss.
+        tok.pad_token = tok.eos_token
+    if tok.chat_template is None:
+        raise UserError(f"{path}: the tokenizer has no chat template; use an instruct/chat model")
+    return tok
+
+
+def load_model(
+    cfg: ModelCfg,
+    path: str | Path | None = None,
+    adapter: str | Path | None = None,
+    trainable: bool = False,
+    load_in_4bit: bool | None = None,
+) -> Loaded:
+    """Load the student (``path`` overrides ``cfg.name_or_path``), optionally with an adapter.
+
+    ``trainable`` prepares a 4-bit model for k-bit training and, with an
+    adapter, leaves that adapter trainable (DPO continues the previous stage's
+    adapter; TRL keeps a frozen copy of it as the reference).
+    """
+    name = resolve_model(str(path or cfg.name_or_path))
+    four_bit = cfg.load_in_4bit if load_in_4bit is None else load_in_4bit
+    backend = pick_backend(cfg)
+    if backend == "unsloth":
+        from unsloth import FastLanguageModel
+
+        model, tok = FastLanguageModel.from_pretrained(
+            model_name=str(adapter or name),
+            max_seq_length=cfg.max_seq_length,
+            load_in_4bit=four_bit,
+            dtype=None if cfg.dtype == "auto" else torch_dtype(cfg.dtype),
+        )
+        if not trainable:
+            FastLanguageModel.for_inference(model)
+        return Loaded(model, tok, backend)
+
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch_dtype(cfg.dtype)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": False, "use_safetensors": True}
+    if four_bit:
+        kwargs["quantization_config"] = bnb_config(dtype)
+    if cuda_available():
+        kwargs["device_map"] = {"": 0}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except OSError as e:
+        raise UserError(f"model {name}: {str(e).splitlines()[0]}") from None
+    disable_bnb_cpu_repack(model)
+    tok = load_tokenizer(str(adapter) if adapter and (Path(adapter) / "tokenizer_config.json").exists() else name)
+    if trainable and four_bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+    if not trainable:
+        model.eval()
+    return Loaded(model, tok, backend)
+
+
+def lora_config(cfg: LoraCfg) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def add_unsloth_lora(loaded: Loaded, cfg: LoraCfg, seed: int) -> Any:
+    """unsloth attaches LoRA itself (its gradient checkpointing needs it)."""
+    from unsloth import FastLanguageModel
+
+    return FastLanguageModel.get_peft_model(
+        loaded.model,
+        r=cfg.r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules,
+        use_gradient_checkpointing="unsloth",
+        random_state=seed,
+    )

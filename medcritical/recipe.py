@@ -1,0 +1,262 @@
+"""The recipe: one validated YAML file describes a whole run.
+
+Sections are named after the stages (``teach``, ``sft``, ``rounds``,
+``export``, ``eval``). Keys passed through to TRL and peft keep their names
+there (``learning_rate``, ``beta``, ``r``, ``lora_alpha``), so those libraries'
+docs document them. Every section forbids unknown keys: a typo in a file or in
+a ``key.sub=value`` override is an error, never a silently new setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import UserError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelCfg(Section):
+    name_or_path: str = "default"  # "default" = embedded SmolLM2-135M-Instruct
+    backend: Literal["auto", "transformers", "unsloth"] = "auto"
+    load_in_4bit: bool = True
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_seq_length: int = Field(2048, gt=0)
+
+
+class Source(Section):
+    path: str  # a file or dataset directory; "demo" = the bundled demo set
+    format: Literal["auto", "cmexam", "jsonl", "medqa", "hf-disk"] = "auto"
+    limit: int | None = Field(None, gt=0)
+
+
+class DataCfg(Section):
+    sources: list[Source] = Field(default_factory=lambda: [Source(path="demo")], min_length=1)
+    dev: float = Field(0.1, ge=0, lt=1)
+    test: float = Field(0.1, ge=0, lt=1)
+    split_seed: int = 0
+    strict: bool = False
+
+
+class TeachCfg(Section):
+    backend: Literal["dataset", "openai", "gguf", "transformers"] = "dataset"
+    model: str | None = None  # API model name, GGUF path or transformers path
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    hinted: bool = False  # tell the teacher the key (rescues hard questions)
+    temperature: float = Field(0.6, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_tokens: int = Field(4096, gt=0)
+    samples: int = Field(1, gt=0)  # attempts per question until one is verified
+    concurrency: int = Field(4, gt=0)
+    timeout: float = Field(600, gt=0)
+    retries: int = Field(4, ge=0)
+    limit: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _needs(self) -> TeachCfg:
+        if self.backend == "openai" and not (self.base_url and self.model):
+            raise ValueError("backend openai needs base_url and model")
+        if self.backend in ("gguf", "transformers") and not self.model:
+            raise ValueError(f"backend {self.backend} needs model (a path)")
+        return self
+
+
+class LoraCfg(Section):
+    r: int = Field(16, gt=0)
+    lora_alpha: int = Field(32, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | str = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+class TrainCfg(Section):
+    """Keys with TRL's ``SFTConfig``/``DPOConfig`` names."""
+
+    learning_rate: float = Field(2e-4, gt=0)
+    num_train_epochs: float = Field(1.0, gt=0)
+    max_steps: int = -1
+    per_device_train_batch_size: int = Field(4, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    warmup_steps: float = Field(0.05, ge=0)  # transformers 5: < 1 is a ratio of total steps
+    lr_scheduler_type: str = "cosine"
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    gradient_checkpointing: bool = True
+    logging_steps: int = Field(1, gt=0)
+    save_steps: int = Field(50, gt=0)
+    save_total_limit: int = Field(2, gt=0)
+    optim: str = "adamw_torch"
+
+
+class SftCfg(Section):
+    lora: LoraCfg = Field(default_factory=LoraCfg)
+    train: TrainCfg = Field(default_factory=TrainCfg)
+    max_length: int = Field(2048, gt=0)
+
+
+class RolloutCfg(Section):
+    k: int = Field(4, gt=0)
+    temperature: float = Field(0.8, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_new_tokens: int = Field(1024, gt=0)
+    engine: Literal["auto", "transformers", "llamacpp"] = "auto"
+    batch_size: int = Field(8, gt=0)
+    questions: int | None = Field(None, gt=0)  # train questions per round (None = all)
+
+
+class CorrectionCfg(Section):
+    by: Literal["sft", "policy"] = "sft"
+    hint: Literal["none", "wrong"] = "wrong"  # "wrong": say only that the answer is wrong
+    attempts: int = Field(2, gt=0)
+    temperature: float = Field(0.7, ge=0)
+    max_new_tokens: int = Field(1024, gt=0)
+
+
+class PairsCfg(Section):
+    strategy: Literal["correction", "self-consistency", "mixed"] = "correction"
+    max_per_question: int = Field(2, gt=0)
+    max_length: int = Field(2048, gt=0)
+
+
+class DpoCfg(Section):
+    """Keys with TRL's ``DPOConfig`` names."""
+
+    beta: float = Field(0.1, gt=0)
+    loss_type: list[str] | str = "sigmoid"
+    precompute_ref_log_probs: bool = False
+    train: TrainCfg = Field(default_factory=lambda: TrainCfg(learning_rate=5e-6))
+
+
+class RoundsCfg(Section):
+    num_rounds: int = Field(3, ge=0)
+    rollouts: RolloutCfg = Field(default_factory=RolloutCfg)
+    correction: CorrectionCfg = Field(default_factory=CorrectionCfg)
+    pairs: PairsCfg = Field(default_factory=PairsCfg)
+    dpo: DpoCfg = Field(default_factory=DpoCfg)
+    early_stop: bool = True
+
+
+QUANTS = ("f16", "bf16", "q8_0", "q4_k_m", "q4_k_s", "q5_k_m", "q6_k", "q4_0", "q4_1", "q5_0", "q5_1")
+
+
+class ExportCfg(Section):
+    merge_into: Literal["base16", "dequantized4bit"] = "base16"
+    outtype: Literal["f16", "bf16"] = "f16"
+    quants: list[str] = Field(default_factory=lambda: ["q8_0", "q4_k_m"])
+    parity_questions: int = Field(20, gt=0)
+    f16_max_rel_error: float = Field(1e-2, gt=0)
+
+    @model_validator(mode="after")
+    def _known(self) -> ExportCfg:
+        bad = [q for q in self.quants if q not in QUANTS]
+        if bad:
+            raise ValueError(f"unknown quant types {bad}; known: {', '.join(QUANTS)}")
+        return self
+
+
+class EvalCfg(Section):
+    split: Literal["train", "dev", "test", "all"] = "dev"
+    limit: int | None = Field(None, gt=0)
+    mode: Literal["generate", "loglik"] = "generate"
+    max_new_tokens: int = Field(1024, gt=0)
+    batch_size: int = Field(8, gt=0)
+    temperature: float = Field(0.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n_ctx: int = Field(4096, gt=0)
+
+
+class Recipe(Section):
+    name: str = "run"
+    output_dir: str = "runs/run"
+    seed: int = 0
+    language: Literal["auto", "zh", "en"] = "auto"
+    model: ModelCfg = Field(default_factory=ModelCfg)
+    data: DataCfg = Field(default_factory=DataCfg)
+    teach: TeachCfg = Field(default_factory=TeachCfg)
+    sft: SftCfg = Field(default_factory=SftCfg)
+    rounds: RoundsCfg = Field(default_factory=RoundsCfg)
+    export: ExportCfg = Field(default_factory=ExportCfg)
+    eval: EvalCfg = Field(default_factory=EvalCfg)
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _one_line(where: str, err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"]) or "<top>"
+    if e["type"] == "extra_forbidden":
+        return f"{where}: {loc}: unknown key"
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] not in ("value_error",) and "input" in e and not isinstance(e["input"], dict):
+        msg += f", got {e['input']!r}"
+    more = len(err.errors()) - 1
+    return f"{where}: {loc}: {msg}" + (f" (and {more} more)" if more else "")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=value`` -> (["a", "b"], parsed value); split on the first ``=``."""
+    if "=" not in text:
+        raise UserError(f"override {text!r}: expected key.sub=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not p for p in key.split(".")):
+        raise UserError(f"override {text!r}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"override {text!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe; errors are one line naming the key."""
+    data: dict = {}
+    where = "recipe"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        if not path.is_file():
+            raise UserError(f"{path}: no such recipe file")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f"line {mark.line + 1}: " if mark else ""
+            raise UserError(f"{path}: {line}not valid YAML") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise UserError(f"{path}: expected a mapping at the top level")
+        data = loaded or {}
+    if overrides:
+        data = apply_overrides(data, overrides)
+        where += " (with overrides)"
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise UserError(_one_line(where, e)) from None
+
+
+def recipes_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "recipes"

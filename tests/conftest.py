@@ -1,0 +1,10 @@
+from __future__ import annotations
+
+import pytest
+
+from tests.tiny_models import build_tiny_llama
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory):
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
