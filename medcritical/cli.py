@@ -176,6 +176,17 @@ def cmd_sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rounds(args: argparse.Namespace) -> int:
+    from .rounds import run_round, run_rounds
+
+    recipe = _recipe(args)
+    if args.round is None:
+        run_rounds(recipe, console=err_console)
+    else:
+        out_console.print(run_round(recipe, args.round, console=err_console, only=args.only))
+    return 0
+
+
 # ---- parser -------------------------------------------------------------------
 
 
@@ -230,13 +241,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe(s)
     s.set_defaults(func=cmd_sft)
 
-    for register in _stage_parsers:
-        register(sub)
+    s = sub.add_parser("rounds", help="iterative self-correction DPO rounds (after sft)")
+    _add_recipe(s)
+    s.add_argument("--round", type=int, help="run only this round (1-based)")
+    s.add_argument(
+        "--only", choices=["rollouts", "corrections", "pairs", "dpo", "eval"], help="with --round: run one part"
+    )
+    s.set_defaults(func=cmd_rounds)
+
+    from .teach import register as register_teach
+
+    register_teach(sub)
     return p
-
-
-# Stages register their subcommands here (see the bottom of this file).
-_stage_parsers: list[Callable[[argparse._SubParsersAction], None]] = []
 
 
 def offline_quiet() -> None:
@@ -258,7 +274,13 @@ def offline_quiet() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     offline_quiet()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may come after options too (`rounds R --round 1 seed=3`), which
+    # argparse alone does not allow for a positional list.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or not all("=" in x and not x.startswith("-") for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*(args.overrides or []), *extra]
     try:
         return args.func(args)
     except UserError as e:

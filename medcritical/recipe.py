@@ -58,6 +58,7 @@ class TeachCfg(Section):
     timeout: float = Field(600, gt=0)
     retries: int = Field(4, ge=0)
     limit: int | None = Field(None, gt=0)
+    cache_dir: str | None = None  # teacher-call cache shared across runs (default: <output_dir>/teach/cache)
 
     @model_validator(mode="after")
     def _needs(self) -> TeachCfg:

@@ -118,7 +118,9 @@ def train_and_save(trainer: Any, out_dir: Path, adapter_dir: Path, tokenizer: An
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - t0
     with atomic_dir(adapter_dir) as tmp:
-        trainer.model.save_pretrained(tmp, safe_serialization=True)
+        # DPO adds a frozen "ref" copy of the adapter; only the trained one is the policy.
+        names = [n for n in getattr(trainer.model, "peft_config", {}) if n != "ref"] or None
+        trainer.model.save_pretrained(tmp, safe_serialization=True, selected_adapters=names)
         tokenizer.save_pretrained(tmp)
     history = trainer.state.log_history
     with open(out_dir / "metrics.jsonl", "w", encoding="utf-8") as f:

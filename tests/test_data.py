@@ -20,9 +20,7 @@ from medcritical.data import (
 from medcritical.errors import UserError
 
 CMEXAM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cmexam" / "val-dev.csv"
-needs_cmexam = pytest.mark.skipif(
-    not CMEXAM.exists(), reason=f"real CMExam file not present at {CMEXAM}"
-)
+needs_cmexam = pytest.mark.skipif(not CMEXAM.exists(), reason=f"real CMExam file not present at {CMEXAM}")
 
 
 def mcq(id: str, answer: tuple[str, ...] = ("A",), n: int = 4, **kw) -> MCQ:
@@ -30,9 +28,7 @@ def mcq(id: str, answer: tuple[str, ...] = ("A",), n: int = 4, **kw) -> MCQ:
     return MCQ(id=id, question=f"question {id}?", options=options, answer=answer, **kw)
 
 
-def write_csv(
-    path: Path, rows: list[list[str]], header=("Question", "Options", "Answer", "Explanation")
-):
+def write_csv(path: Path, rows: list[list[str]], header=("Question", "Options", "Answer", "Explanation")):
     with path.open("w", encoding="utf-8", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
@@ -42,9 +38,7 @@ def write_csv(
 
 def write_lines(path: Path, lines: list) -> Path:
     path.write_text(
-        "".join(
-            (x if isinstance(x, str) else json.dumps(x, ensure_ascii=False)) + "\n" for x in lines
-        ),
+        "".join((x if isinstance(x, str) else json.dumps(x, ensure_ascii=False)) + "\n" for x in lines),
         encoding="utf-8",
     )
     return path
@@ -121,10 +115,7 @@ def test_real_cmexam_strict(real, tmp_path):
     assert str(e.value) == f"{path}: row 17: Answer: empty"
     result = load_questions(path)
     assert result.skipped == [Skip(17, "Answer", "empty")]
-    assert (
-        describe_skips(result, "data.csv")
-        == "data.csv: skipped 1 of 39 rows (row 17: Answer: empty)"
-    )
+    assert describe_skips(result, "data.csv") == "data.csv: skipped 1 of 39 rows (row 17: Answer: empty)"
 
 
 # --- CMExam CSV fixtures -------------------------------------------------------------
@@ -181,9 +172,7 @@ def test_cmexam_bad_answer_letter_is_bad_row(tmp_path):
 
 def test_cmexam_file_problems(tmp_path):
     with pytest.raises(UserError, match="missing column.*Answer"):
-        load_questions(
-            write_csv(tmp_path / "a.csv", [["q", "A x\\nB y"]], header=("Question", "Options"))
-        )
+        load_questions(write_csv(tmp_path / "a.csv", [["q", "A x\\nB y"]], header=("Question", "Options")))
     bad = tmp_path / "b.csv"
     bad.write_bytes(b"Question,Options,Answer\n\xff\xfe,A x,A\n")
     with pytest.raises(UserError, match=r"b\.csv: cannot read"):
@@ -387,9 +376,7 @@ def test_split_fractions_and_seeds():
 
 def test_split_records_disjoint_and_covering():
     records = [mcq(f"r{i}") for i in range(1000)]
-    parts = {
-        w: split_records(records, w, seed=3, dev=0.15, test=0.1) for w in ("train", "dev", "test")
-    }
+    parts = {w: split_records(records, w, seed=3, dev=0.15, test=0.1) for w in ("train", "dev", "test")}
     ids = [r.id for part in parts.values() for r in part]
     assert sorted(ids) == sorted(r.id for r in records)  # covering, no id twice
     assert all(parts[w] for w in parts)

