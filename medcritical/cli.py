@@ -249,9 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=cmd_rounds)
 
+    from export.cli import register as register_export
+
     from .teach import register as register_teach
 
     register_teach(sub)
+    register_export(sub)
     return p
 
 

@@ -207,9 +207,14 @@ class LlamaCppEngine:
 
     def next_token_logits(self, tokens: list[int]) -> Any:
         """Logits after ``tokens`` (for log-likelihood scoring and parity checks)."""
+        import llama_cpp
+        import numpy as np
+
         self.llm.reset()
         self.llm.eval(tokens)
-        return self.llm.scores[self.llm.n_tokens - 1].copy()
+        # Llama.scores is only filled with logits_all=True; read the last row from the context.
+        ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),)).copy()
 
     def letter_logprobs(self, prompts, prefixes, letters):
         results = []

