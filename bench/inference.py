@@ -78,8 +78,9 @@ def bench_transformers(
     merged: Path, messages: list[list[dict[str, str]]], new_tokens: int, threads: int
 ) -> dict[str, Any]:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.generation.streamers import BaseStreamer
+
+    from export.parity import greedy_generate, load_merged
 
     class Clock(BaseStreamer):
         """Records when generate() hands over each new token (the first put is the prompt)."""
@@ -94,27 +95,14 @@ def bench_transformers(
             pass
 
     torch.set_num_threads(threads)
-    tok = AutoTokenizer.from_pretrained(merged)
-    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    model, tok = load_merged(merged)
 
     def run(msgs: list[dict[str, str]], n: int) -> tuple[int, float, float, float]:
         text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
         clock = Clock()
         start = time.perf_counter()
-        with torch.inference_mode():
-            model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                min_new_tokens=n,
-                max_new_tokens=n,
-                pad_token_id=tok.pad_token_id,
-                streamer=clock,
-            )
+        greedy_generate(model, ids, n, pad_token_id=tok.pad_token_id, min_new_tokens=n, streamer=clock)
         return ids.shape[1], start, clock.stamps[1], clock.stamps[-1]
 
     run(messages[0], 4)

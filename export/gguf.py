@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from medcritical.artifacts import atomic_write_text
-from medcritical.default_model import cache_home
+from medcritical.default_model import byte_level_with_fallback, cache_home
 from medcritical.errors import UserError
 
 CONVERTER_ENV = "MEDCRITICAL_CONVERTER"  # a directory holding convert_hf_to_gguf.py
@@ -121,22 +121,6 @@ def gguf_metadata(path: str | Path) -> dict[str, str]:
     return meta
 
 
-def byte_level_with_fallback(tokenizer_json: dict) -> bool:
-    """A byte-level BPE that also claims SentencePiece-style byte fallback.
-
-    transformers builds such a tokenizer.json when it loads a GPT-2 style
-    vocabulary from a GGUF (the embedded SmolLM2 is materialized that way).
-    The converter takes it for a Llama SentencePiece vocabulary and writes a
-    GGUF whose tokenizer aborts llama.cpp; :mod:`export.merge` rewrites it.
-    """
-    bpe = tokenizer_json.get("model") or {}
-    pre = tokenizer_json.get("pre_tokenizer") or {}
-    pres = pre.get("pretokenizers", [pre])
-    return bool(
-        bpe.get("type") == "BPE" and bpe.get("byte_fallback") and any(p.get("type") == "ByteLevel" for p in pres)
-    )
-
-
 def convert(model_dir: str | Path, out_file: str | Path, outtype: str = "f16") -> dict[str, str]:
     """Convert a transformers directory to one GGUF (``f16`` or ``bf16``); returns its metadata.
 
@@ -151,6 +135,8 @@ def convert(model_dir: str | Path, out_file: str | Path, outtype: str = "f16") -
         raise UserError(f"export.outtype: {outtype!r} is not one of {', '.join(OUTTYPES)}")
     model_dir, out_file = Path(model_dir), Path(out_file)
     tok_json = model_dir / "tokenizer.json"
+    # Byte-level BPE claiming byte fallback (transformers builds it from a GGUF's GPT-2 style vocabulary):
+    # the converter takes it for SentencePiece and writes a GGUF whose tokenizer aborts llama.cpp.
     if tok_json.is_file() and byte_level_with_fallback(json.loads(tok_json.read_text(encoding="utf-8"))):
         raise UserError(
             f"{tok_json}: byte-level BPE with byte_fallback would convert to a broken GGUF; "

@@ -24,7 +24,6 @@ float32 it is about 1e-6; a large value means the merge itself went wrong.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -60,7 +59,7 @@ class MergeResult:
     seconds: float
     skipped: bool  # True: an identical merge was already on disk
     n_params: int
-    tokenizer_fixed: bool  # see _untangle_byte_level_bpe
+    tokenizer_fixed: bool  # see normalize_tokenizer
 
 
 def _hash_input(name: str) -> str:
@@ -97,57 +96,30 @@ def rel_error(a: Any, b: Any) -> float:
 
 def _load_base(name: str, merge_into: str) -> Any:
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from medcritical.models import bnb_config, cuda_available, disable_bnb_cpu_repack
+    from medcritical.models import load_causal_lm
 
-    kwargs: dict[str, Any] = {"dtype": torch.float32}
-    if merge_into == "dequantized4bit":
-        kwargs["quantization_config"] = bnb_config(torch.float32)
-        if cuda_available():
-            kwargs["device_map"] = {"": 0}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-    except OSError as e:
-        raise UserError(f"base model {name}: {str(e).splitlines()[0]}") from None
-    if merge_into == "dequantized4bit":
-        disable_bnb_cpu_repack(model)
+    nf4 = merge_into == "dequantized4bit"
+    model = load_causal_lm(name, torch.float32, four_bit=nf4, on_gpu=nf4, what="base model")
+    if nf4:
         # transformers replaces each Linear4bit by a float Linear holding the NF4 values.
         model = model.dequantize().to("cpu", torch.float32)
     return model.eval()
 
 
-def _untangle_byte_level_bpe(model_dir: Path, tok: Any) -> bool:
-    """Rewrite a byte-level BPE tokenizer.json that claims byte fallback (see
-    :func:`export.gguf.byte_level_with_fallback`) so that llama.cpp's converter reads it right.
+def normalize_tokenizer(tok: Any) -> bool:
+    """Switch off byte fallback in a byte-level BPE tokenizer (in place) so that llama.cpp's converter reads it right.
 
-    With a ByteLevel pre-tokenizer every byte is in the vocabulary, so byte
-    fallback never fires: dropping it and decoding ByteLevel changes nothing
-    for transformers, which the round trip below verifies (otherwise the file
-    is put back and the conversion refuses it).
+    The embedded default is materialized without it since format 2, but a
+    tokenizer that transformers built from a GGUF's GPT-2 style vocabulary
+    still has it: an adapter trained on an older materialized default saved
+    one, and so does any base the user made with ``gguf_file=``. See
+    :func:`medcritical.default_model.untangle_byte_level_bpe`; it checks the
+    probe chats here and its own texts encode and decode unchanged.
     """
-    from transformers import AutoTokenizer
+    from medcritical.default_model import untangle_byte_level_bpe
 
-    from .gguf import byte_level_with_fallback
-
-    path = model_dir / "tokenizer.json"
-    if not path.is_file():
-        return False
-    original = path.read_text(encoding="utf-8")
-    data = json.loads(original)
-    if not byte_level_with_fallback(data):
-        return False
-    data["model"]["byte_fallback"] = False
-    data["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
-    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
-    fixed = AutoTokenizer.from_pretrained(model_dir)
-    texts = [_render(tok, m) for m in PROBES] + ["Ünïcödé ✓ 12345 \t tabs\n\nx = 0x1F; 血压 90/60 mmHg"]
-    for text in texts:
-        ids = tok(text, add_special_tokens=False).input_ids
-        if fixed(text, add_special_tokens=False).input_ids != ids or fixed.decode(ids) != tok.decode(ids):
-            path.write_text(original, encoding="utf-8")
-            return False
-    return True
+    return untangle_byte_level_bpe(tok, [_render(tok, m) for m in PROBES])
 
 
 def merge_adapters(
@@ -196,6 +168,7 @@ def merge_adapters(
     t0 = time.perf_counter()
     tok_src = adapter_paths[-1] if adapter_paths and (adapter_paths[-1] / "tokenizer_config.json").exists() else name
     tok = load_tokenizer(str(tok_src))
+    fixed = normalize_tokenizer(tok)
     model = _load_base(name, merge_into)
     err = None
     if adapter_paths:
@@ -219,7 +192,6 @@ def merge_adapters(
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        fixed = _untangle_byte_level_bpe(tmp, tok)
         seconds = round(time.perf_counter() - t0, 2)
         metrics = {"rel_error": err, "seconds": seconds, "n_params": n_params, "tokenizer_fixed": fixed}
         write_manifest(

@@ -187,6 +187,12 @@ def cmd_rounds(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline import run_pipeline
+
+    return run_pipeline(args.recipe, args.overrides or [], start=args.start, only=args.only, console=err_console)
+
+
 # ---- parser -------------------------------------------------------------------
 
 
@@ -237,6 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--load-in-4bit", action="store_true", help="load a transformers model in 4-bit NF4")
     s.set_defaults(func=cmd_eval)
 
+    from .pipeline import STAGES
+
+    s = sub.add_parser("run", help="the whole pipeline: teach -> sft -> rounds -> export -> eval, then a report")
+    _add_recipe(s)
+    s.add_argument("--from", dest="start", choices=STAGES, help="start at this stage (earlier ones must be done)")
+    s.add_argument("--only", choices=STAGES, help="run only this stage")
+    s.set_defaults(func=cmd_run)
+
     s = sub.add_parser("sft", help="QLoRA SFT of the student on the teacher templates (after teach)")
     _add_recipe(s)
     s.set_defaults(func=cmd_sft)
@@ -267,6 +281,7 @@ def offline_quiet() -> None:
         "HF_DATASETS_OFFLINE": "1",
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # also transformers' "Loading weights" bars
         "TOKENIZERS_PARALLELISM": "false",
         "TRANSFORMERS_VERBOSITY": "error",
     }.items():

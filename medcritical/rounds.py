@@ -6,12 +6,19 @@ round runs rollouts -> corrections -> pairs -> dpo -> eval under
 After every round the new policy is evaluated on the dev split; with
 ``early_stop`` the rounds stop when dev accuracy falls. A per-round table
 (``rounds.md``, ``rounds.json``) and a PNG plot are written.
+
+Rollouts, corrections and these evaluations sample on the engine
+``rounds.rollouts.engine`` names (:func:`engine_kind`): transformers on the
+4-bit base + adapter, or llama.cpp on a q8_0 GGUF of base + adapter, exported
+once per adapter into ``<run>/policies/`` (:mod:`medcritical.policy_gguf`).
+Each generated row and the round's metrics name the engine that produced it.
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -36,37 +43,143 @@ from .recipe import Recipe
 PARTS = ("rollouts", "corrections", "pairs", "dpo", "eval")
 
 
-def _engine(recipe: Recipe, adapter: Path) -> Any:
+def engine_kind(recipe: Recipe) -> str:
+    """The engine that samples the policy: ``rounds.rollouts.engine``, with ``auto`` resolved.
+
+    ``auto`` is llama.cpp on a q8_0 GGUF of the policy when there is no CUDA
+    (on CPU it samples several times faster than transformers on the 4-bit
+    model) and the GGUF converter is installed; transformers otherwise.
+    """
+    want = recipe.rounds.rollouts.engine
+    if want != "auto":
+        return want
+    import importlib.util
+
+    from .models import cuda_available
+
+    if cuda_available() or importlib.util.find_spec("llama_cpp") is None:
+        return "transformers"
+    from export.gguf import find_converter
+
+    try:
+        find_converter()
+    except UserError:
+        return "transformers"
+    return "llamacpp"
+
+
+def _engine(recipe: Recipe, adapter: Path | None, console: Console | None = None) -> Any:
+    """The policy base + ``adapter`` (``None``: the base alone) on the recipe's engine."""
+    console = console or Console(stderr=True)
+    if engine_kind(recipe) == "llamacpp":
+        from .engines import LlamaCppEngine
+        from .policy_gguf import recipe_policy_gguf
+
+        gguf = recipe_policy_gguf(recipe, adapter, console)
+        return LlamaCppEngine(gguf.path, n_ctx=recipe.eval.n_ctx, seed=recipe.seed)
     from .engines import HFEngine
     from .models import load_model
 
-    loaded = load_model(recipe.model, adapter=adapter)
+    with console.status(f"loading {recipe.model.name_or_path}" + (f" + {adapter}" if adapter else "") + "..."):
+        loaded = load_model(recipe.model, adapter=adapter)
     return HFEngine(loaded.model, loaded.tokenizer)
 
 
-def _free(*objs: Any) -> None:
-    del objs
-    gc.collect()
+class _Lazy:
+    """An engine built on first use: a resumed round whose generations are all on disk loads nothing."""
+
+    def __init__(self, recipe: Recipe, adapter: Path, console: Console) -> None:
+        self.args = (recipe, adapter, console)
+        self.engine: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self.engine is None:
+            self.engine = _engine(*self.args)
+        return getattr(self.engine, name)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+            gc.collect()
+
+    def info(self) -> dict[str, str] | None:
+        """Which engine ran (and on which GGUF); None when it was never needed."""
+        if self.engine is None:
+            return None
+        gguf = getattr(self.engine, "gguf", None)
+        return {"engine": self.engine.name} | ({"gguf": str(gguf)} if gguf else {})
 
 
-def eval_policy(recipe: Recipe, adapter: Path, out: Path, console: Console) -> dict[str, Any]:
-    """Dev-split accuracy of base + ``adapter`` (resumes; cached by settings)."""
+def _engines_used(rows: list[dict]) -> str | None:
+    """The engines that generated ``rows`` ("llamacpp", or "llamacpp+transformers" after a switch)."""
+    names = sorted({r["engine"] for r in rows if r.get("engine")})
+    return "+".join(names) or None
+
+
+def eval_settings(recipe: Recipe, adapter: Path | None) -> dict[str, Any]:
+    """What a dev evaluation's results depend on; its cache key (and refusal to mix)."""
+    kind = engine_kind(recipe)
+    settings = {
+        "model": recipe.model.name_or_path,
+        "adapter": sha256_tree(adapter) if adapter is not None else None,
+        "engine": kind,
+        "eval": recipe.eval.model_dump(),
+        "language": recipe.language,
+    }
+    if kind == "transformers":
+        settings["load_in_4bit"] = recipe.model.load_in_4bit
+    else:
+        from .policy_gguf import MERGE_INTO, QTYPE
+
+        settings["gguf"] = {"qtype": QTYPE, "merge_into": MERGE_INTO}
+    return settings
+
+
+def eval_policy(recipe: Recipe, adapter: Path | None, out: Path, console: Console) -> dict[str, Any]:
+    """Dev-split accuracy of base + ``adapter`` (``None``: the untrained base); resumes, cached by settings.
+
+    Greedy as ``recipe.eval`` says, on the engine ``rounds.rollouts.engine``
+    picks (:func:`engine_kind`): llama.cpp evaluates the q8_0 GGUF of base +
+    adapter (exported once into ``<output_dir>/policies``), transformers the
+    4-bit base with the adapter. Returns ``summary.json``'s content (accuracy,
+    parse_rate, engine, ...).
+    """
     from .evaluate import evaluate
 
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise UserError(f"{adapter}: not a LoRA adapter directory (no adapter_config.json)")
     summary = out / "summary.json"
-    settings = {"adapter": sha256_tree(adapter), "eval": recipe.eval.model_dump(), "language": recipe.language}
-    if summary.exists() and is_complete(out, settings, {"adapter": settings["adapter"]}):
+    settings = eval_settings(recipe, adapter)
+    inputs = {"adapter": settings["adapter"] or "none"}
+    if summary.exists() and is_complete(out, settings, inputs):
         return read_json(summary)
+    if (out / "settings.json").exists():
+        old = read_json(out / "settings.json")
+        changed = sorted(
+            k for k in settings.keys() | old.keys() if old.get(k) != json.loads(json.dumps(settings.get(k)))
+        )
+        if changed:
+            raise UserError(
+                f"{out}: holds an evaluation with other settings ({', '.join(changed)} differ); "
+                "delete it to evaluate again"
+                + (
+                    f", or set rounds.rollouts.engine={old['engine']}"
+                    if "engine" in changed and "engine" in old
+                    else ""
+                )
+            )
     records = load_recipe_data(recipe.data, split=recipe.eval.split)[: recipe.eval.limit]
-    engine = _engine(recipe, adapter)
+    engine = _engine(recipe, adapter, console)
     ev = recipe.eval
     res = evaluate(
         records, engine, out, mode=ev.mode, max_new_tokens=ev.max_new_tokens, temperature=ev.temperature,
         top_p=ev.top_p, batch_size=ev.batch_size, language=recipe.language, seed=recipe.seed, config=settings,
         console=console, label=f"eval {out.parent.name}",
     )  # fmt: skip
-    write_manifest(out, "eval", settings, {"adapter": settings["adapter"]}, metrics=res)
-    _free(engine)
+    gguf = getattr(engine, "gguf", None)
+    write_manifest(out, "eval", settings, inputs, metrics=res, gguf=str(gguf) if gguf else None)
+    engine.close()
     return res
 
 
@@ -92,6 +205,11 @@ def run_round(recipe: Recipe, r: int, console: Console, only: str | None = None)
         return read_manifest(rdir)["metrics"]
     rdir.mkdir(parents=True, exist_ok=True)
     want = set(PARTS) if only is None else {only}
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and want - {"dpo"}:
+        raise UserError(
+            f"round {r}: under a multi-process launcher only `--only dpo` runs; generate with one process "
+            "(docs/multi-gpu.md)"
+        )
     train = load_recipe_data(recipe.data, split="train", console=console)
     if recipe.rounds.rollouts.questions:
         # A different slice of the training questions each round.
@@ -100,32 +218,36 @@ def run_round(recipe: Recipe, r: int, console: Console, only: str | None = None)
         train = (train[off:] + train[:off])[:n]
     metrics: dict[str, Any] = {"round": r, "questions": len(train)}
 
-    policy = None
-    if want & {"rollouts", "corrections"}:
-        policy = _engine(recipe, start)
+    # Engines built this time (None: everything was on disk), for the manifest; the rows say who generated them.
+    engines: dict[str, dict[str, str] | None] = {}
+    policy = _Lazy(recipe, start, console)
     rolled = JsonlLog(rdir / "rollouts.jsonl")
     if "rollouts" in want:
         rolled = selfplay.rollouts(recipe, policy, train, rdir / "rollouts.jsonl", console)
     samples = [s for row in rolled.values() for s in row["samples"]]
     metrics["sample_accuracy"] = round(sum(s["correct"] for s in samples) / max(len(samples), 1), 4)
     metrics["sample_parse_rate"] = round(sum(s["parsed"] is not None for s in samples) / max(len(samples), 1), 4)
+    metrics["rollout_engine"] = _engines_used(rolled.values())
 
     corrected = JsonlLog(rdir / "corrections.jsonl")
+    sft = run / "sft" / "adapter"
+    corrector = policy
+    if recipe.rounds.correction.by == "sft" and sft != start:
+        engines["policy"] = policy.info()
+        policy.close()  # free it before the corrector loads
+        corrector = _Lazy(recipe, sft, console)
     if "corrections" in want:
-        sft = run / "sft" / "adapter"
-        corrector = policy if recipe.rounds.correction.by == "policy" or sft == start else _engine(recipe, sft)
         corrected = selfplay.corrections(recipe, corrector, train, rolled, rdir / "corrections.jsonl", console)
-        _free(corrector)
     metrics["corrections_tried"] = len(corrected)
     metrics["corrections_verified"] = sum(c["verified"] for c in corrected.values())
-    tokenizer = policy.tok if policy is not None else None
-    _free(policy)
+    metrics["correction_engine"] = _engines_used(corrected.values())
+    engines["policy" if corrector is policy else "corrector"] = corrector.info()
+    corrector.close()
 
     if "pairs" in want:
-        if tokenizer is None:
-            from .models import load_tokenizer
+        from .models import load_tokenizer
 
-            tokenizer = load_tokenizer(str(start))
+        tokenizer = load_tokenizer(str(start))
         pairs, stats = selfplay.build_pairs(recipe, train, rolled, corrected, tokenizer)
         selfplay.write_pairs(pairs, rdir / "pairs.jsonl")
         atomic_write_json(rdir / "pairs_stats.json", stats)
@@ -153,9 +275,9 @@ def run_round(recipe: Recipe, r: int, console: Console, only: str | None = None)
         metrics |= {f"dpo_{k}": v for k, v in dm.items() if k != "resumed_from"}
     if "eval" in want:
         ev = eval_policy(recipe, rdir / "adapter", rdir / "eval", console)
-        metrics |= {"dev_accuracy": ev["accuracy"], "dev_parse_rate": ev["parse_rate"]}
+        metrics |= {"dev_accuracy": ev["accuracy"], "dev_parse_rate": ev["parse_rate"], "eval_engine": ev["engine"]}
     if only is None:
-        write_manifest(rdir, "round", config, inputs, metrics=metrics)
+        write_manifest(rdir, "round", config, inputs, metrics=metrics, engines=engines)
     return metrics
 
 
@@ -185,6 +307,7 @@ COLUMNS = (
     "corrections_verified",
     "pairs_pairs",
     "dpo_reward_margin_last",
+    "rollout_engine",
 )
 
 

@@ -13,7 +13,8 @@ The MedCritical loop, per round:
    wrong trajectory; the prompt is the original question.
 
 Rollouts and corrections append JSONL keyed by id, so a killed round resumes
-without regenerating what is already written.
+without regenerating what is already written. Each row names the engine that
+generated it (``transformers`` or ``llamacpp``, see ``rounds.engine_kind``).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def rollouts(recipe: Recipe, engine: Engine, questions: Sequence[MCQ], path: Pat
     cfg = recipe.rounds.rollouts
     log = JsonlLog(path)
     todo = [q for q in questions if q.id not in log]
+    name = engine.name if todo else None  # an engine built on first use loads here, before the bar
     prog, task = _bar(console, "rollouts", len(questions), len(questions) - len(todo))
     with prog:
         for chunk in iter_batches(todo, max(1, cfg.batch_size // cfg.k)):
@@ -63,7 +65,7 @@ def rollouts(recipe: Recipe, engine: Engine, questions: Sequence[MCQ], path: Pat
                 seed=recipe.seed + len(log), batch_size=cfg.batch_size,
             )  # fmt: skip
             for q, samples in zip(chunk, outs):
-                log.append({"id": q.id, "samples": [_grade(s, q) for s in samples]})
+                log.append({"id": q.id, "samples": [_grade(s, q) for s in samples], "engine": name})
             right = sum(s["correct"] for row in log.values() for s in row["samples"])
             total = sum(len(row["samples"]) for row in log.values())
             prog.update(task, completed=len(log), stats=f"sample acc {right / max(total, 1):.1%}")
@@ -92,6 +94,7 @@ def corrections(
         if not s["correct"]
     ]
     todo = [w for w in wrong if w[0] not in log]
+    name = engine.name if todo else None  # an engine built on first use loads here, before the bar
     prog, task = _bar(console, "corrections", len(wrong), len(wrong) - len(todo))
     with prog:
         for chunk in iter_batches(todo, max(1, recipe.rounds.rollouts.batch_size // cfg.attempts)):
@@ -115,6 +118,7 @@ def corrections(
                         "attempts": graded,
                         "verified": ok is not None,
                         "chosen": clean_correction(ok["text"], q, lg) if ok else None,
+                        "engine": name,
                     }
                 )
             verified = sum(r["verified"] for r in log.values())

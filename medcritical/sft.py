@@ -8,6 +8,11 @@ is loaded in 4-bit NF4 (bitsandbytes) and LoRA comes from peft, or unsloth's
 
 Reads ``<run>/teach/templates.jsonl``; writes ``<run>/sft/adapter/`` (safetensors
 LoRA + tokenizer), ``checkpoints/``, ``metrics.jsonl`` and ``manifest.json``.
+
+Batches are grouped by length (``train_sampling_strategy="group_by_length"``,
+reseeded per epoch by ``training.kit_trainer``): the same examples, epochs
+and completion-only loss as a plain ``SFTTrainer`` script, with less
+padding to compute (``bench/sft_step.py`` measures it).
 """
 
 from __future__ import annotations
@@ -44,8 +49,13 @@ def stage_config(recipe: Recipe) -> dict[str, Any]:
     return {"model": recipe.model.model_dump(), "sft": recipe.sft.model_dump(), "seed": recipe.seed}
 
 
-def run_sft(recipe: Recipe, console: Console | None = None, templates: Path | None = None) -> dict[str, Any]:
-    """Train the SFT adapter; skipped when a complete one exists for these inputs."""
+def run_sft(
+    recipe: Recipe, console: Console | None = None, templates: Path | None = None, callbacks: list | None = None
+) -> dict[str, Any]:
+    """Train the SFT adapter; skipped when a complete one exists for these inputs.
+
+    ``callbacks``: extra ``TrainerCallback``s (the bench times steps with one).
+    """
     console = console or Console(stderr=True)
     run = Path(recipe.output_dir)
     stage_dir = run / STAGE
@@ -61,10 +71,11 @@ def run_sft(recipe: Recipe, console: Console | None = None, templates: Path | No
         raise UserError(f"{templates}: no templates were kept; nothing to train on")
 
     from datasets import Dataset
+    from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
     from .models import add_unsloth_lora, load_model, lora_config, torch_dtype
-    from .training import progress_callback, train_and_save, trainer_args
+    from .training import kit_trainer, progress_callback, train_and_save, trainer_args
 
     loaded = load_model(recipe.model, trainable=True)
     peft_config = lora_config(recipe.sft.lora)
@@ -75,14 +86,16 @@ def run_sft(recipe: Recipe, console: Console | None = None, templates: Path | No
         max_length=recipe.sft.max_length,
         completion_only_loss=True,
         packing=False,
+        train_sampling_strategy="group_by_length",  # similar lengths per batch: less padding, same examples
     )
-    trainer = SFTTrainer(
+    set_seed(recipe.seed)  # TRL creates the LoRA weights before the Trainer seeds anything
+    trainer = kit_trainer(SFTTrainer)(
         model=loaded.model,
         args=args,
         train_dataset=Dataset.from_list(sft_examples(rows)),
         processing_class=loaded.tokenizer,
         peft_config=peft_config,
-        callbacks=[progress_callback(console, "sft")],
+        callbacks=[progress_callback(console, "sft"), *(callbacks or [])],
     )
     metrics = train_and_save(trainer, stage_dir, stage_dir / "adapter", loaded.tokenizer)
     tokens = max((h.get("num_tokens", 0) for h in trainer.state.log_history), default=0)

@@ -4,6 +4,11 @@ Both stages build a TRL config from the same recipe keys, show the same rich
 progress, resume from the last checkpoint, save the adapter atomically and
 record loss curves and peak memory. Keeping that here means ``sft.py`` and
 ``dpo.py`` each stay a short straight line over their trainer.
+
+``kit_trainer`` subclasses a TRL trainer so that resuming is exact; it also
+makes SFT's length-grouped batches (``train_sampling_strategy="group_by_length"``:
+examples of similar length share a batch, so little compute goes to padding)
+reproducible per epoch.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .artifacts import atomic_dir
+from .artifacts import atomic_dir, atomic_write_text
 from .recipe import TrainCfg
 
 
@@ -56,10 +61,78 @@ def trainer_args(train: TrainCfg, out_dir: Path, seed: int, dtype: Any) -> dict[
     }
 
 
-def last_checkpoint(out_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+def kit_trainer(trainer_cls: type) -> type:
+    """``trainer_cls`` (a TRL trainer) with two fixes for exact resuming.
 
-    return get_last_checkpoint(str(out_dir)) if out_dir.is_dir() else None
+    * With ``train_sampling_strategy="group_by_length"``, transformers'
+      ``LengthGroupedSampler`` (random mega-batches sorted by length inside,
+      longest batch first) draws from the global RNG, so a run resumed in the
+      middle of a later epoch would replay another order than the interrupted
+      one (some examples twice, some never). accelerate seeds the default
+      random sampler with ``seed + epoch``; the sampler here does the same.
+    * TRL keeps QLoRA adapters in bfloat16, but on resume the Trainer reloads
+      them with peft's ``load_adapter``, which upcasts them to float32: the
+      dtypes they had before loading are put back.
+
+    With both, a run that dies and starts again ends with the adapter of a run
+    that never stopped.
+    """
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
+
+    class SeededLengthGroupedSampler(LengthGroupedSampler):
+        def __init__(self, batch_size: int, lengths: list[int], seed: int):
+            super().__init__(batch_size, lengths=lengths)
+            self.seed, self.epoch = seed, 0
+
+        def set_epoch(self, epoch: int) -> None:  # accelerate's DataLoaderShard calls it before each epoch
+            self.epoch = epoch
+
+        def __iter__(self):
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=g))
+
+    class KitTrainer(trainer_cls):
+        def _get_train_sampler(self, train_dataset=None):
+            ds = self.train_dataset if train_dataset is None else train_dataset
+            if self.args.train_sampling_strategy != "group_by_length" or "input_ids" not in (
+                getattr(ds, "column_names", None) or []
+            ):
+                return super()._get_train_sampler(train_dataset)
+            seed = self.args.seed if self.args.data_seed is None else self.args.data_seed
+            size = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            return SeededLengthGroupedSampler(size, [len(x) for x in ds["input_ids"]], seed)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            dtypes = {n: p.dtype for n, p in self.model.named_parameters() if p.requires_grad}
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            for n, p in self.model.named_parameters():
+                if n in dtypes and p.dtype != dtypes[n]:
+                    p.data = p.data.to(dtypes[n])
+
+    KitTrainer.__name__ = KitTrainer.__qualname__ = f"Kit{trainer_cls.__name__}"
+    return KitTrainer
+
+
+def last_checkpoint(out_dir: Path) -> str | None:
+    """The newest *complete* ``checkpoint-N`` under ``out_dir``.
+
+    The Trainer writes a checkpoint's files in place and ``trainer_state.json``
+    last, so a process killed while saving leaves a directory without a
+    readable state: it is skipped (and the previous checkpoint used).
+    """
+    import re
+
+    found = []
+    for d in out_dir.glob("checkpoint-*") if out_dir.is_dir() else []:
+        m = re.fullmatch(r"checkpoint-(\d+)", d.name)
+        try:
+            json.loads((d / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if m:
+            found.append((int(m.group(1)), d))
+    return str(max(found)[1]) if found else None
 
 
 def progress_callback(console: Console, label: str) -> Any:
@@ -113,19 +186,19 @@ def train_and_save(trainer: Any, out_dir: Path, adapter_dir: Path, tokenizer: An
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # the rich bar shows progress; metrics.jsonl keeps the logs
-    resume = last_checkpoint(out_dir)
+    resume = last_checkpoint(Path(trainer.args.output_dir))  # where the trainer saves checkpoint-N
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - t0
-    with atomic_dir(adapter_dir) as tmp:
-        # DPO adds a frozen "ref" copy of the adapter; only the trained one is the policy.
-        names = [n for n in getattr(trainer.model, "peft_config", {}) if n != "ref"] or None
-        trainer.model.save_pretrained(tmp, safe_serialization=True, selected_adapters=names)
-        tokenizer.save_pretrained(tmp)
     history = trainer.state.log_history
-    with open(out_dir / "metrics.jsonl", "w", encoding="utf-8") as f:
-        for row in history:
-            f.write(json.dumps(row) + "\n")
+    if trainer.is_world_process_zero():  # under `accelerate launch`, one process writes
+        with atomic_dir(adapter_dir) as tmp:
+            # DPO adds a frozen "ref" copy of the adapter; only the trained one is the policy.
+            names = [n for n in getattr(trainer.model, "peft_config", {}) if n != "ref"] or None
+            trainer.model.save_pretrained(tmp, safe_serialization=True, selected_adapters=names)
+            tokenizer.save_pretrained(tmp)
+        atomic_write_text(out_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
+    trainer.accelerator.wait_for_everyone()
     losses = [h["loss"] for h in history if "loss" in h]
     return {
         "steps": trainer.state.global_step,

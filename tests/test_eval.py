@@ -80,6 +80,38 @@ def test_gguf_loglik_matches_greedy_next_token(tmp_path: Path):
     assert set(scores) == {"A", "B"} and all(v < 0 for v in scores.values())
 
 
+def test_gguf_samples_reuse_the_prompt_with_distinct_reproducible_seeds():
+    """n samples of one prompt: the prompt is evaluated once (llama.cpp's prefix reuse), and each
+    sample has its own seed, the same on every run."""
+    import llama_cpp
+
+    from medcritical.engines import LlamaCppEngine, sample_seed
+
+    eng = LlamaCppEngine(default_gguf(), n_ctx=1024, n_threads=1)
+    msgs = [{"role": "user", "content": "Name one cause of chest pain, in a few words."}]
+
+    def prompt_evals(n: int, seed: int) -> tuple[int, list[str]]:
+        eng.llm.reset()  # a cold cache, as for a new question
+        before = llama_cpp.llama_perf_context(eng.llm.ctx).n_p_eval
+        out = eng.generate([msgs], max_new_tokens=12, temperature=1.0, top_p=1.0, n=n, seed=seed)[0]
+        return llama_cpp.llama_perf_context(eng.llm.ctx).n_p_eval - before, out
+
+    prompt = len(eng.tokenize(eng.render(msgs)))
+    prompt_evals(1, seed=0)  # llama.cpp counts the context's very first decode one token short
+    once, single = prompt_evals(1, seed=5)
+    four, samples = prompt_evals(4, seed=5)
+    assert once == four == prompt  # three more samples, no more prompt evaluation
+    assert samples[0] == single[0] and len(set(samples)) > 1  # the same first draw; the others differ
+    assert prompt_evals(4, seed=5)[1] == samples  # reproducible
+    assert prompt_evals(4, seed=6)[1] != samples
+    seeds = {sample_seed(s, i, j) for s in range(3) for i in range(3) for j in range(3)}
+    assert len(seeds) == 27 and max(seeds) < 2**31  # seed + i + j would collide here
+    # Greedy: one generation, copied.
+    greedy = eng.generate([msgs], max_new_tokens=8, n=3)[0]
+    assert len(greedy) == 3 and len(set(greedy)) == 1
+    eng.close()
+
+
 def test_summary_and_multi_answer_choice():
     rows = [
         {"multi": False, "parsed": ["A"], "correct": True},

@@ -93,10 +93,18 @@ def test_export_passes_parity(exports, arch: str, pre: str) -> None:
     assert set(report["models"]) == {"f16", "q8_0", "q4_k_m"}
     for kind, s in report["models"].items():
         assert s["render_identical"] == s["tokens_identical"] == s["n"] == 3, kind
-        for key in ("rel_error_max", "top1_agreement", "answer_agreement", "greedy_identical"):
+        keys = ("rel_error_max", "top1_agreement", "tf_answer_agreement", "tf_top1_agreement", "answer_agreement")
+        for key in (*keys, "greedy_identical"):
             assert s[key] is not None, (kind, key)
-    assert report["models"]["f16"]["rel_error_max"] <= 1e-2
-    assert "| tiny-q4_k_m.gguf |" in (out / "report.md").read_text()
+        assert s["tf_scored"] == 3 and 0 <= s["tf_in_reply"] <= 3
+        assert 0 <= s["tf_top1_min"] <= s["tf_top1_agreement"] <= 1
+    f16 = report["models"]["f16"]
+    assert f16["rel_error_max"] <= 1e-2 and f16["tf_top1_agreement"] >= 0.9
+    for row in report["rows"]["f16"]:
+        assert row["tf_answer_hf"] in "ABCDE" and row["tf_positions"] == 13  # prompt end + 12 reply tokens
+    assert report["criterion"]["model"] == "q8_0" and report["criterion"]["metric"] == "tf_answer_agreement"
+    md = (out / "report.md").read_text()
+    assert "| tiny-q4_k_m.gguf |" in md and "TF answer agree" in md and "Answer criterion (issue #5)" in md
     # The merge is exact in float32 and changed the weights.
     assert report["merge"]["rel_error"] < 1e-4
     name = "model.layers.0.self_attn.q_proj.weight"
@@ -160,16 +168,128 @@ def test_wrong_pairing_fails_the_gate(exports, tiny_llama: Path, tmp_path: Path)
 
     _, _, out, _ = exports["llama"]
     wrong = tmp_path / "base-f16.gguf"
-    base = merge_adapters(tiny_llama, [], tmp_path / "base")  # no adapter: the base, tokenizer normalized
-    assert base.rel_error is None and base.tokenizer_fixed
-    with pytest.raises(UserError, match="byte_fallback"):
-        convert(tiny_llama, wrong)  # the raw tokenizer would make llama.cpp abort
+    base = merge_adapters(tiny_llama, [], tmp_path / "base")  # no adapter: the base as it is
+    assert base.rel_error is None and not base.tokenizer_fixed
     convert(base.path, wrong)
     records = load_recipe_data(Recipe().data, split="dev")[:2]
     with pytest.raises(UserError, match="parity gate failed.*relative logit error"):
         run_parity(out / "merged", {"f16": wrong}, records, tmp_path, max_new_tokens=4, n_threads=1)
     f16 = read_json(tmp_path / "report.json")["models"]["f16"]
     assert f16["tokens_identical"] == 2 and f16["rel_error_max"] > 1e-2
+
+
+def _with_byte_fallback(model_dir: Path, out: Path) -> Path:
+    """A copy of a SmolLM2-tokenizer model whose tokenizer.json is what transformers builds from a GGUF."""
+    out = shutil.copytree(model_dir, out)
+    data = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
+    data["model"]["byte_fallback"] = True
+    data["decoder"] = {
+        "type": "Sequence",
+        "decoders": [
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+            {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        ],
+    }
+    (out / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    return out
+
+
+def test_merge_normalizes_a_byte_fallback_tokenizer(tiny_llama: Path, tmp_path: Path) -> None:
+    """A GGUF-built byte-level tokenizer (e.g. saved by an adapter trained on an old default) is fixed by merge."""
+    from transformers import AutoTokenizer
+
+    from export.gguf import byte_level_with_fallback, convert
+    from export.merge import PROBES, merge_adapters
+    from medcritical.default_model import TOKENIZER_PROBES
+
+    tangled = _with_byte_fallback(tiny_llama, tmp_path / "tangled")
+    with pytest.raises(UserError, match="byte_fallback"):
+        convert(tangled, tmp_path / "x.gguf")  # the raw tokenizer would make llama.cpp abort
+    merged = merge_adapters(tangled, [], tmp_path / "merged")
+    assert merged.tokenizer_fixed
+    assert not byte_level_with_fallback(json.loads((merged.path / "tokenizer.json").read_text(encoding="utf-8")))
+    old, new = AutoTokenizer.from_pretrained(tangled), AutoTokenizer.from_pretrained(merged.path)
+    texts = [*TOKENIZER_PROBES, *(old.apply_chat_template(m, tokenize=False) for m in PROBES)]
+    for text in texts:
+        ids = old(text, add_special_tokens=False).input_ids
+        assert new(text, add_special_tokens=False).input_ids == ids and new.decode(ids) == old.decode(ids)
+
+
+def test_default_tokenizer_is_byte_level_without_fallback(tmp_path: Path) -> None:
+    """materialize() and default_tokenizer() write/give SmolLM2's tokenizer without byte fallback, tokenizing
+    exactly as the one transformers builds from the GGUF; an older cache format is not taken as current."""
+    from transformers import AutoTokenizer
+
+    from medcritical.artifacts import write_manifest
+    from medcritical.data import load_recipe_data
+    from medcritical.default_model import (
+        FORMAT,
+        TOKENIZER_PROBES,
+        _is_current,
+        byte_level_with_fallback,
+        default_gguf,
+        default_tokenizer,
+    )
+    from medcritical.recipe import Recipe
+
+    gguf = default_gguf()
+    raw = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    assert byte_level_with_fallback(json.loads(raw.backend_tokenizer.to_str()))
+    tok = default_tokenizer()
+    assert not byte_level_with_fallback(json.loads(tok.backend_tokenizer.to_str()))
+    assert (tok.eos_token, tok.pad_token) == ("<|im_end|>", "<|endoftext|>")
+    texts = [*TOKENIZER_PROBES, *(r.question + "\n" + r.explanation for r in load_recipe_data(Recipe().data))]
+    for text in texts:
+        ids = raw(text, add_special_tokens=False).input_ids
+        assert tok(text, add_special_tokens=False).input_ids == ids and tok.decode(ids) == raw.decode(ids)
+    write_manifest(tmp_path, "default-model", {"source": str(gguf), "dtype": "float32"}, {})
+    assert not _is_current(tmp_path)  # written before FORMAT 2: materialize() rebuilds it
+    write_manifest(tmp_path, "default-model", {"source": str(gguf), "dtype": "float32", "format": FORMAT}, {})
+    assert _is_current(tmp_path)
+
+
+def test_decision_prefix() -> None:
+    """The teacher-forced decision point: the stated answer, else the last cue, else the cue appended."""
+    from export.parity import decision_prefix
+
+    abcd = list("ABCD")
+    reply = "C. Creatine kinase rises late, B is wrong.\nThe answer is D, and C is not.\nOption D fits."
+    assert decision_prefix(reply, abcd, "en") == (
+        "C. Creatine kinase rises late, B is wrong.\nThe answer is ",
+        "answer",
+    )
+    assert decision_prefix("Plan...\nAnswer: B\nLater: Answer: C", abcd, "en") == (
+        "Plan...\nAnswer: B\nLater: Answer: ",
+        "answer",
+    )
+    assert decision_prefix("### 推理\n……\n答案：A、C", abcd, "zh") == ("### 推理\n……\n答案：", "answer")
+    assert decision_prefix("答案：Ｂ", abcd, "zh") == ("答案：", "answer")  # full-width letter
+    assert decision_prefix("**Answer:** the troponin", abcd, "en") == ("**Answer:** ", "cue")
+    assert decision_prefix("A or B, hard to say.  ", abcd, "en") == ("A or B, hard to say.\nAnswer: ", "appended")
+    assert decision_prefix("", abcd, "zh") == ("答案：", "appended")
+
+
+def test_teacher_forced_logits_match_step_by_step(exports) -> None:
+    """One llama.cpp pass with logits at several positions gives what evaluating each prefix gives."""
+    import numpy as np
+
+    from export.parity import _eval_logits
+    from medcritical.engines import LlamaCppEngine
+
+    _, _, out, _ = exports["llama"]
+    engine = LlamaCppEngine(out / "tiny-q8_0.gguf", n_ctx=512, n_threads=1)
+    ids = engine.tokenize(engine.render([{"role": "user", "content": "Which marker rises first? A. CK-MB B. cTnI"}]))
+    first = len(ids) - 6
+    head, top1 = _eval_logits(engine.llm, ids, first)
+    assert len(top1) == 6
+    for k, t in enumerate(top1):
+        step = engine.next_token_logits(ids[: first + k + 1])
+        assert int(step.argmax()) == t
+        if k == 0:
+            assert np.abs(step - head).max() <= 1e-3 * np.abs(step).max()
+    engine.llm.close()
 
 
 def test_converter_template_is_fixed_when_it_disagrees(exports, tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""One full self-correction round on a tiny 4-bit model on CPU."""
+"""Self-correction rounds on tiny models on CPU: transformers on the 4-bit model, and
+llama.cpp on the policy's cached q8_0 GGUF (``rounds.rollouts.engine``)."""
 
 import json
 import os
@@ -8,16 +9,19 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
-from medcritical.artifacts import JsonlLog
+from medcritical.artifacts import JsonlLog, read_manifest, sha256_tree
+from medcritical.errors import UserError
 from medcritical.grading import extract_answer
 from medcritical.recipe import load_recipe
-from medcritical.rounds import run_round
+from medcritical.rounds import engine_kind, eval_policy, run_round
 from medcritical.sft import run_sft
 from tests.test_sft import write_templates
 
 ROUND = [
+    "rounds.rollouts.engine=transformers",
     "rounds.rollouts.k=2",
     "rounds.rollouts.questions=6",
     "rounds.rollouts.max_new_tokens=40",
@@ -43,13 +47,13 @@ def _overrides(run: Path, model: Path) -> list[str]:
     return [f"output_dir={run}", f"model.name_or_path={model}", *sft, *ROUND]
 
 
-def _recipe(run: Path, model: Path):
-    return load_recipe(None, _overrides(run, model))
+def _recipe(run: Path, model: Path, *extra: str):
+    return load_recipe(None, _overrides(run, model) + list(extra))
 
 
-def _sft(run: Path, model: Path):
+def _sft(run: Path, model: Path, *extra: str):
     write_templates(run, 8, short=True)
-    recipe = _recipe(run, model)
+    recipe = _recipe(run, model, *extra)
     run_sft(recipe)
     return recipe
 
@@ -150,3 +154,75 @@ def test_killed_round_resumes_without_regenerating(tiny_llama: Path, tmp_path: P
     done = log.read_text().splitlines()
     assert len(done) == 8
     assert done[: len(first)] == first  # finished rollouts were kept, not regenerated
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns
+
+
+def test_llamacpp_round_samples_from_cached_policy_gguf_and_resumes(
+    tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("MEDCRITICAL_LLAMA_THREADS", "1")  # a 2-layer model runs best on one thread
+    run = tmp_path / "run"
+    recipe = _sft(run, tiny_llama, "rounds.rollouts.engine=llamacpp")
+    console = Console(stderr=True)
+    rdir = run / "rounds" / "round-1"
+    sft = run / "sft" / "adapter"
+    gguf = run / "policies" / sha256_tree(sft)[:16] / "policy-q8_0.gguf"
+
+    run_round(recipe, 1, console, only="rollouts")
+    assert gguf.is_file()
+    policy = read_manifest(gguf.parent)
+    assert policy["status"] == "complete" and policy["config"]["qtype"] == "q8_0"
+    assert sorted(p.name for p in gguf.parent.glob("*.gguf")) == [gguf.name]  # the f16 was deleted
+    assert not (gguf.parent / "merged").exists() and not list((run / "policies").glob(".*"))
+    stamp = _stamp(gguf)
+    log = rdir / "rollouts.jsonl"
+    rows = log.read_text().splitlines()
+    assert len(rows) == 6 and all(json.loads(r)["engine"] == "llamacpp" for r in rows)
+
+    # Killed mid-rollouts: two rows written, a third torn. The rerun keeps them and reuses the GGUF.
+    log.write_text("\n".join(rows[:2]) + '\n{"id": "torn')
+    m = run_round(recipe, 1, console)
+    assert _stamp(gguf) == stamp, "the SFT adapter's GGUF was exported again"
+    done = log.read_text().splitlines()
+    assert len(done) == 6 and done[:2] == rows[:2]
+    assert m["rollout_engine"] == "llamacpp" and m["eval_engine"] == "llamacpp"
+    assert m["correction_engine"] in ("llamacpp", None)  # None only if every sample was right
+    manifest = read_manifest(rdir)
+    assert manifest["engines"]["policy"] == {"engine": "llamacpp", "gguf": str(gguf)}  # corrections by SFT = start
+    for row in JsonlLog(rdir / "corrections.jsonl").values():
+        assert row["engine"] == "llamacpp"
+    # The round's own adapter was evaluated on its GGUF (the same file if DPO had no pair to learn from).
+    evaluated = run / "policies" / sha256_tree(rdir / "adapter")[:16] / "policy-q8_0.gguf"
+    assert evaluated.is_file() and read_manifest(rdir / "eval")["gguf"] == str(evaluated)
+    assert run_round(recipe, 1, console) == m  # up to date
+
+    # The untrained base, for the pipeline's "base" row: its own q8_0 GGUF, cached like the others.
+    ev = eval_policy(recipe, None, run / "eval" / "base", console)
+    assert ev["engine"] == "llamacpp" and ev["n"] == 4
+    base = [p for p in (run / "policies").glob("base-*/policy-q8_0.gguf")]
+    assert len(base) == 1 and read_manifest(base[0].parent)["config"]["adapter"] is None
+    stamp = _stamp(base[0])
+    assert eval_policy(recipe, None, run / "eval" / "base", console) == ev
+    assert _stamp(base[0]) == stamp
+    # Same directory, other engine: refused in one line, not mixed.
+    other = recipe.model_copy(deep=True)
+    other.rounds.rollouts.engine = "transformers"
+    with pytest.raises(UserError, match="engine"):
+        eval_policy(other, None, run / "eval" / "base", console)
+
+
+def test_engine_choice(tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from medcritical.policy_gguf import recipe_policy_gguf
+
+    recipe = _recipe(tmp_path / "run", tiny_llama, "rounds.rollouts.engine=auto")
+    assert engine_kind(recipe) == "llamacpp"  # no CUDA here, and setup.sh installed the converter
+    monkeypatch.setenv("MEDCRITICAL_CONVERTER", str(tmp_path / "nowhere"))
+    assert engine_kind(recipe) == "transformers"
+    recipe.rounds.rollouts.engine = "llamacpp"
+    with pytest.raises(UserError, match="GGUF converter not found"):
+        recipe_policy_gguf(recipe, None)
+    assert not (tmp_path / "run" / "policies").exists() or not list((tmp_path / "run" / "policies").iterdir())
