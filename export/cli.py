@@ -106,7 +106,7 @@ def run_export(
 
     from .gguf import convert, converter_version, quantize, write_modelfile
     from .merge import merge_adapters
-    from .parity import run_parity
+    from .parity import REPORT_VERSION, run_parity
 
     console = console or err_console
     out_dir = Path(out_dir)
@@ -198,6 +198,7 @@ def run_export(
             "threshold": cfg.f16_max_rel_error,
             "language": language,
             "max_new_tokens": max_new_tokens,
+            "report_version": REPORT_VERSION,
         }
     )
     inputs["questions"] = records_hash(records)
@@ -247,7 +248,8 @@ def _print_summary(report: dict[str, Any], ggufs: dict[str, Path], console: Cons
         return "-" if v is None else f"{v:.0%}"
 
     t = Table(title=f"parity on {report['questions']} dev questions (gate passed)", title_justify="left")
-    for col in ("GGUF", "MiB", "tokens same", "rel. logit error", "top-1", "answers", "greedy same"):
+    cols = ("GGUF", "MiB", "tokens same", "rel. logit error", "top-1", "TF answers", "TF top-1", "free answers")
+    for col in (*cols, "greedy same"):
         t.add_column(col, justify="left" if col == "GGUF" else "right")
     for s in report["models"].values():
         n = s["n"]
@@ -258,10 +260,19 @@ def _print_summary(report: dict[str, Any], ggufs: dict[str, Path], console: Cons
             f"{s['tokens_identical']}/{n}",
             rel,
             pct(s["top1_agreement"]),
+            pct(s["tf_answer_agreement"]),
+            "-" if s["tf_top1_agreement"] is None else f"{s['tf_top1_agreement']:.1%}",
             pct(s["answer_agreement"]),
             pct(s["greedy_identical"]),
         )
     console.print(t)
+    c = report.get("criterion")
+    if c:
+        met = "[green]met[/]" if c["met"] else "[yellow]not met[/] (reported, not gated)"
+        console.print(
+            f"answer criterion (issue #5): {c['model']} teacher-forced answer agreement {pct(c['value'])} "
+            f">= {c['min']:.0%}: {met}"
+        )
     best = preferred_gguf(ggufs)
     out_console.print(f"chat:  medcritical chat {best}")
     out_console.print(f"serve: medcritical serve {best}")

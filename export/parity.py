@@ -17,8 +17,9 @@ model then answers greedily (its *reply*). For each GGUF the report has
   ``tf_answer_agreement``: both sides read the prompt plus the reply up to its
   *decision point* (:func:`decision_prefix`: where the reply writes the answer
   :func:`extract_answer` reads, else its last answer cue, else the language's
-  cue appended) and pick the most likely option letter, as
-  :meth:`medcritical.engines.Engine.letter_logprobs` scores them; the fraction
+  cue appended; at a stated answer the context is the reply's own tokens up
+  to the one that spells the letter) and pick the most likely option letter,
+  as :meth:`medcritical.engines.Engine.letter_logprobs` scores them; the fraction
   of questions where the GGUF picks the merged model's letter (``tf_scored``
   questions could be scored, ``tf_in_reply`` had their decision point in the
   reply; ``tf_flip_margin_max``: the largest margin, in nats, by which the
@@ -31,8 +32,8 @@ model then answers greedily (its *reply*). For each GGUF the report has
   on both sides gives the same :func:`extract_answer` result (both unparsable
   counts as agreeing; ``answered_both`` says how often both gave an answer),
   and ``greedy_identical``: the same generated tokens. One flipped near-tie
-  early in a reply changes everything after it, so on small models this is
-  far below the teacher-forced number.
+  early in a reply changes everything after it, so on small models it is
+  lower than the teacher-forced number.
 
 The llama.cpp side is always fed the transformers token ids, so a tokenizer
 difference and a weight difference show up separately. The gate: the 16-bit
@@ -49,6 +50,7 @@ from __future__ import annotations
 import math
 import re
 import time
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,7 +92,7 @@ class Reference:
     decided_at: str = ""  # where the decision point is: "answer", "cue" or "appended" (see decision_prefix)
     # Contexts (prompt ids + reply up to the decision point) and, per option letter, (context index, token id).
     # Empty when an option letter is not a single token there.
-    cue_contexts: list[list[int]] = field(default_factory=list)
+    contexts: list[list[int]] = field(default_factory=list)
     letter_slots: dict[str, tuple[int, int]] = field(default_factory=dict)
     letter_logprobs: dict[str, float] = field(default_factory=dict)
 
@@ -159,8 +161,6 @@ def decision_prefix(reply: str, letters: Sequence[str], lang: str) -> tuple[str,
     * ``appended``: neither (the reply was cut off, or never concluded): the
       whole reply with the language's cue appended on a new line.
     """
-    import unicodedata
-
     found = extract_answer(reply, letters)
     if found:
         other = next(c for c in "ZYXWVUTSRQ" if c not in found and c not in letters)
@@ -204,8 +204,16 @@ def _letter_scores(logits_per_context: Sequence[Any], slots: dict[str, tuple[int
     return out
 
 
-def _cue_slots(tok: Any, prompt_ids: list[int], prefix: str, letters: Sequence[str]) -> tuple[list[list[int]], dict]:
-    """Contexts and (context index, letter token) per option letter after ``prefix`` (see engines' _letter_token)."""
+Slots = tuple[list[list[int]], dict[str, tuple[int, int]]]
+
+
+def _text_slots(tok: Any, prompt_ids: list[int], prefix: str, letters: Sequence[str]) -> Slots:
+    """Contexts (``prompt_ids`` + ``prefix`` tokenized) and (context index, token) per option letter after ``prefix``.
+
+    As eval's loglik mode scores letters (``medcritical.engines._letter_token``:
+    a trailing space moves into the letter's token where the vocabulary spells
+    " B"). Empty when a letter is not one token there: the question is not scored.
+    """
     from medcritical.engines import _letter_token
 
     def tokenize(s: str) -> list[int]:
@@ -213,11 +221,47 @@ def _cue_slots(tok: Any, prompt_ids: list[int], prefix: str, letters: Sequence[s
 
     try:
         pairs = [_letter_token(tokenize, prefix, x) for x in letters]
-    except UserError:  # an option letter that is not one token after the cue: not scored
+    except UserError:
         return [], {}
     texts = list(dict.fromkeys(c for c, _ in pairs))
     contexts = [prompt_ids + tokenize(c) for c in texts]
     return contexts, {x: (texts.index(c), t) for x, (c, t) in zip(letters, pairs)}
+
+
+def _reply_slots(tok: Any, prompt_ids: list[int], gen: list[int], reply: str, at: int, letters: Sequence[str]) -> Slots:
+    """The reply's own tokens up to the one that spells the answer letter at ``reply[at]``, and per option
+    letter that token with the letter swapped (" C" -> " A", " B", ...).
+
+    Teacher forcing on the exact trajectory, so no retokenization can shift the
+    context; empty when it does not line up (the token spells more than the
+    letter, as "AC" may; a letter variant is not a single token; the decoded
+    prefixes do not match the reply), and the caller falls back to
+    :func:`_text_slots`.
+    """
+    done, k = "", 0
+    for k in range(len(gen)):
+        upto = tok.decode(gen[: k + 1], skip_special_tokens=False)
+        if len(upto) > at:
+            break
+        done = upto
+    else:
+        return [], {}
+    piece, off = tok.decode([gen[k]], skip_special_tokens=False), at - len(done)
+    if not reply.startswith(done) or not 0 <= off < len(piece) or piece[off] != reply[at]:
+        return [], {}
+    if any(c.isalnum() for c in piece[:off] + piece[off + 1 :]):  # "AC" in one token: not one letter's decision
+        return [], {}
+    wide = reply[at] != unicodedata.normalize("NFKC", reply[at])  # full-width letters stay full-width
+    slots = {}
+    for x in letters:
+        spelled = piece[:off] + (chr(ord(x) + 0xFEE0) if wide else x) + piece[off + 1 :]
+        ids = tok(spelled, add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            return [], {}
+        slots[x] = (0, ids[0])
+    if gen[k] not in {t for _, t in slots.values()}:
+        return [], {}
+    return [prompt_ids + gen[:k]], slots
 
 
 def hf_references(
@@ -254,13 +298,20 @@ def hf_references(
         with torch.inference_mode():
             full = torch.tensor([prompt + gen])
             rows = model(input_ids=full, logits_to_keep=len(gen) + 1).logits[0].float()
-            prefix, decided_at = decision_prefix(tok.decode(gen, skip_special_tokens=False), letters, lang)
-            contexts, slots = _cue_slots(tok, prompt, prefix, letters)
-            cue_logits = [model(input_ids=torch.tensor([c]), logits_to_keep=1).logits[0, -1].float() for c in contexts]
+            reply = tok.decode(gen, skip_special_tokens=False)
+            prefix, decided_at = decision_prefix(reply, letters, lang)
+            contexts, slots = [], {}
+            if decided_at == "answer":
+                contexts, slots = _reply_slots(tok, prompt, gen, reply, len(prefix), letters)
+            if not slots:
+                contexts, slots = _text_slots(tok, prompt, prefix, letters)
+            decision_logits = [
+                model(input_ids=torch.tensor([c]), logits_to_keep=1).logits[0, -1].float() for c in contexts
+            ]
         ref = Reference(r.id, msgs, letters, text, prompt, rows[0].numpy(), gen, answer)
         ref.top1 = rows.argmax(-1).tolist()
-        ref.decided_at, ref.cue_contexts, ref.letter_slots = decided_at, contexts, slots
-        ref.letter_logprobs = _letter_scores([x.numpy() for x in cue_logits], slots)
+        ref.decided_at, ref.contexts, ref.letter_slots = decided_at, contexts, slots
+        ref.letter_logprobs = _letter_scores([x.numpy() for x in decision_logits], slots)
         refs.append(ref)
     return refs, stop
 
@@ -334,7 +385,7 @@ def compare_gguf(
                 "top1_same": int(logits.argmax()) == int(ref.logits.argmax()),
             }
         # Teacher-forced: the merged model's reply, position by position, and its answer at the decision point.
-        scores = _letter_scores([_eval_logits(llm, c, len(c) - 1)[0] for c in ref.cue_contexts], ref.letter_slots)
+        scores = _letter_scores([_eval_logits(llm, c, len(c) - 1)[0] for c in ref.contexts], ref.letter_slots)
         tf_hf, tf_gguf = _pick(ref.letter_logprobs), _pick(scores)
         margin = _margin(ref.letter_logprobs)
         row |= {
@@ -511,9 +562,7 @@ def run_parity(
     t0 = time.perf_counter()
     refs, stop = hf_references(merged_dir, records, language=language, max_new_tokens=max_new_tokens)
     # Just the context the longest sequence needs (rounded up): less memory than a default 4096.
-    longest = max(
-        max(len(r.ids) + max_new_tokens, len(r.ids) + len(r.generated), *map(len, r.cue_contexts)) for r in refs
-    )
+    longest = max(max(len(r.ids) + max_new_tokens, len(r.ids) + len(r.generated), *map(len, r.contexts)) for r in refs)
     n_ctx = -(-(longest + 1) // 256) * 256
     models, rows = {}, {}
     for kind, path in ggufs.items():

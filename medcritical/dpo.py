@@ -20,8 +20,18 @@ from .errors import UserError
 from .recipe import Recipe
 
 
-def run_dpo(recipe: Recipe, pairs_path: Path, start_adapter: Path, round_dir: Path, console: Console) -> dict[str, Any]:
-    """Train ``round_dir/adapter`` from ``start_adapter`` on the pairs; returns metrics."""
+def run_dpo(
+    recipe: Recipe,
+    pairs_path: Path,
+    start_adapter: Path,
+    round_dir: Path,
+    console: Console,
+    callbacks: list | None = None,
+) -> dict[str, Any]:
+    """Train ``round_dir/adapter`` from ``start_adapter`` on the pairs; returns metrics.
+
+    ``callbacks``: extra ``TrainerCallback``s.
+    """
     pairs = read_jsonl(pairs_path)
     if not pairs:
         raise UserError(f"{pairs_path}: no preference pairs this round; nothing to train on")
@@ -46,7 +56,7 @@ def run_dpo(recipe: Recipe, pairs_path: Path, start_adapter: Path, round_dir: Pa
         args=args,
         train_dataset=data,
         processing_class=loaded.tokenizer,
-        callbacks=[progress_callback(console, f"dpo {round_dir.name}")],
+        callbacks=[progress_callback(console, f"dpo {round_dir.name}"), *(callbacks or [])],
     )
     metrics = train_and_save(trainer, round_dir, round_dir / "adapter", loaded.tokenizer)
     logs = [h for h in trainer.state.log_history if "rewards/margins" in h]

@@ -70,9 +70,11 @@ def kit_trainer(trainer_cls: type) -> type:
       middle of a later epoch would replay another order than the interrupted
       one (some examples twice, some never). accelerate seeds the default
       random sampler with ``seed + epoch``; the sampler here does the same.
-    * TRL keeps QLoRA adapters in bfloat16, but on resume the Trainer reloads
-      them with peft's ``load_adapter``, which upcasts them to float32: the
-      dtypes they had before loading are put back.
+    * On resume the Trainer reloads the adapter with peft's ``load_adapter``,
+      which upcasts it to float32 where TRL keeps QLoRA adapters in bfloat16
+      (the dtypes from before loading are put back), and which, when a
+      checkpoint also holds DPO's frozen ``ref`` adapter in a sub-folder,
+      loads only that one (the trained adapter is loaded too).
 
     With both, a run that dies and starts again ends with the adapter of a run
     that never stopped.
@@ -106,6 +108,13 @@ def kit_trainer(trainer_cls: type) -> type:
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             dtypes = {n: p.dtype for n, p in self.model.named_parameters() if p.requires_grad}
             super()._load_from_checkpoint(resume_from_checkpoint, model)
+            ckpt, active = Path(resume_from_checkpoint), getattr(self.model, "active_adapter", None)
+            subdirs = [d.name for d in ckpt.iterdir() if (d / "adapter_model.safetensors").is_file()]
+            if subdirs and isinstance(active, str) and active not in subdirs:
+                # With adapters in sub-folders (DPO's frozen "ref"), transformers loads only those and leaves
+                # the trained adapter, saved at the checkpoint's root, at its starting values.
+                self.model.load_adapter(str(ckpt), active, is_trainable=True)
+                self.model.set_adapter(active)
             for n, p in self.model.named_parameters():
                 if n in dtypes and p.dtype != dtypes[n]:
                     p.data = p.data.to(dtypes[n])

@@ -271,6 +271,31 @@ def test_decision_prefix() -> None:
     assert decision_prefix("", abcd, "zh") == ("答案：", "appended")
 
 
+def test_reply_slots_follow_the_generated_tokens() -> None:
+    """At a stated answer the context is the reply's own tokens, and the letters swap into the token that spells it."""
+    from export.parity import _reply_slots, decision_prefix
+    from medcritical.default_model import default_tokenizer
+
+    tok = default_tokenizer()
+    letters, prompt = list("ABCDE"), [1, 2, 3]
+    for reply, lang, letter in [
+        ("B. 纤维素性炎\n\nC. 化脓性炎\n\n答案：C", "zh", "C"),
+        ("The answer is D, not C.", "en", "D"),
+        ("Plan...\nAnswer: (B)", "en", "B"),
+    ]:
+        gen = tok(reply, add_special_tokens=False).input_ids
+        prefix, at = decision_prefix(reply, letters, lang)
+        assert at == "answer" and reply[len(prefix)] == letter
+        [ctx], slots = _reply_slots(tok, prompt, gen, reply, len(prefix), letters)
+        k = len(ctx) - len(prompt)
+        assert ctx == prompt + gen[:k] and slots[letter] == (0, gen[k])
+        assert len({t for _, t in slots.values()}) == 5
+        assert all(x in tok.decode([t]) for x, (_, t) in slots.items())
+    gen = tok("答案：AC", add_special_tokens=False).input_ids
+    assert tok.decode(gen[-1:]) == "AC"  # one token: not one letter's decision, left to the text-level fallback
+    assert _reply_slots(tok, prompt, gen, "答案：AC", 3, letters) == ([], {})
+
+
 def test_teacher_forced_logits_match_step_by_step(exports) -> None:
     """One llama.cpp pass with logits at several positions gives what evaluating each prefix gives."""
     import numpy as np

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from medcritical.data import demo_path, load_questions
 from medcritical.models import load_model
@@ -153,17 +154,25 @@ def test_sft_batches_grouped_by_length_seeded_per_epoch(tiny_llama: Path, tmp_pa
     assert padding(first) < 0.7 * sum(map(padding, shuffles)) / len(shuffles)  # vs a plain SFTTrainer's batches
 
 
+class Crash(TrainerCallback):
+    """Kills the run at the end of step 5 (after checkpoint-4)."""
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == 5:
+            raise RuntimeError("power cut")
+
+
+def same_adapter(a: Path, b: Path) -> bool:
+    from safetensors.torch import load_file
+
+    x, y = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
+    return x.keys() == y.keys() and all(x[k].dtype == y[k].dtype and torch.allclose(x[k], y[k], atol=1e-6) for k in x)
+
+
 def test_sft_resume_after_crash_matches_uninterrupted_run(tiny_llama: Path, tmp_path: Path):
     """A run that dies mid-epoch and is started again resumes from its last
     checkpoint and ends with the same adapter as a run that never stopped (same
-    batches in the same order, length-grouped sampler included)."""
-    from safetensors.torch import load_file
-    from transformers import TrainerCallback
-
-    class Crash(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if state.global_step == 5:
-                raise RuntimeError("power cut")
+    batches in the same order, length-grouped sampler included, adapter dtype kept)."""
 
     def recipe(run: Path):
         write_templates(run, 12)  # 3 steps an epoch: checkpoint-4 is in the middle of the second epoch
@@ -184,6 +193,44 @@ def test_sft_resume_after_crash_matches_uninterrupted_run(tiny_llama: Path, tmp_
         run_sft(recipe(tmp_path / "b"), callbacks=[Crash()])
     resumed = run_sft(recipe(tmp_path / "b"))
     assert whole["resumed_from"] is None and resumed["resumed_from"].endswith("checkpoint-4")
-    a = load_file(tmp_path / "a" / "sft" / "adapter" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "b" / "sft" / "adapter" / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert same_adapter(tmp_path / "a" / "sft" / "adapter", tmp_path / "b" / "sft" / "adapter")
+
+
+def test_dpo_resume_after_crash_matches_uninterrupted_run(tiny_llama: Path, tmp_path: Path):
+    """The same for DPO (``training.kit_trainer`` is shared): its checkpoints also
+    hold the frozen ``ref`` adapter in a sub-folder, next to the trained one."""
+    from rich.console import Console
+
+    from medcritical.dpo import run_dpo
+
+    run = tmp_path / "run"
+    rows = [json.loads(x) for x in write_templates(run, 8, short=True).read_text().splitlines()]
+    overrides = [
+        "sft.train.max_steps=2",
+        "sft.max_length=384",
+        "sft.train.save_steps=100",
+        "rounds.pairs.max_length=384",
+    ]
+    dpo = ["max_steps=6", "save_steps=4", "learning_rate=0.001", "per_device_train_batch_size=2"]
+    recipe = load_recipe(
+        None,
+        [f"output_dir={run}", f"model.name_or_path={tiny_llama}", *overrides, *[f"rounds.dpo.train.{x}" for x in dpo]],
+    )
+    run_sft(recipe)
+    pairs = tmp_path / "pairs.jsonl"
+    with open(pairs, "w", encoding="utf-8") as f:
+        for r in rows:
+            wrong = next(k for k in r["options"] if k not in r["answer"])
+            pair = {
+                "prompt": question_messages(r["question"], r["options"], len(r["answer"]) > 1, r["lang"]),
+                "chosen": [{"role": "assistant", "content": r["target"]}],
+                "rejected": [{"role": "assistant", "content": render_template("Guess.", "-", [wrong], r["lang"])}],
+            }
+            f.write(json.dumps(pair, ensure_ascii=False) + "\n")
+    start, console = run / "sft" / "adapter", Console(stderr=True)
+    whole = run_dpo(recipe, pairs, start, tmp_path / "a", console)
+    with pytest.raises(RuntimeError, match="power cut"):
+        run_dpo(recipe, pairs, start, tmp_path / "b", console, callbacks=[Crash()])
+    resumed = run_dpo(recipe, pairs, start, tmp_path / "b", console)
+    assert resumed["resumed_from"].endswith("checkpoint-4") and resumed["last_loss"] == whole["last_loss"]
+    assert same_adapter(tmp_path / "a" / "adapter", tmp_path / "b" / "adapter")
