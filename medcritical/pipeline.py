@@ -35,7 +35,6 @@ from .errors import UserError
 from .recipe import Recipe, load_recipe
 
 STAGES = ("teach", "sft", "rounds", "export", "eval")
-STAGE_DIRS = {"teach": "teach", "sft": "sft", "rounds": "rounds", "export": "export", "eval": "eval"}
 
 
 def select_stages(start: str | None = None, only: str | None = None) -> list[str]:
@@ -96,7 +95,7 @@ def _stage_metrics(run: Path, stage: str) -> dict[str, Any]:
     if stage == "rounds":
         table = run / "rounds" / "rounds.json"
         return {"rounds": read_json(table)} if table.exists() else {}
-    m = read_manifest(run / STAGE_DIRS[stage]) or {}
+    m = read_manifest(run / stage) or {}
     return m.get("metrics", {})
 
 
@@ -134,7 +133,7 @@ def run_pipeline(
     console.rule(f"[bold]medcritical run {recipe.name}[/]: {' -> '.join(stages)}  ({run})")
     for i, stage in enumerate(stages, 1):
         console.rule(f"[bold]stage {i}/{len(stages)}: {stage}", align="left")
-        before = fingerprint(run / STAGE_DIRS[stage])
+        before = fingerprint(run / stage)
         t0 = time.perf_counter()
         record[stage] = {"status": "running"}
         save("running")
@@ -146,7 +145,7 @@ def run_pipeline(
             save("interrupted")
             raise
         seconds = round(time.perf_counter() - t0, 1)
-        after = fingerprint(run / STAGE_DIRS[stage])
+        after = fingerprint(run / stage)
         record[stage] = {
             "status": "complete" if rc == 0 else "failed",
             "exit_code": rc,
@@ -163,7 +162,7 @@ def run_pipeline(
         save("running")
     report = write_run_report(run, recipe, record)
     save("complete")
-    print_final(run, recipe, record, report, console)
+    print_final(run, recipe, report)
     return 0
 
 
@@ -196,6 +195,7 @@ def final_eval(recipe: Recipe, console: Console) -> dict[str, Any]:
     from export.cli import preferred_gguf
 
     from .artifacts import is_complete, sha256_file
+    from .data import load_recipe_data
     from .engines import LlamaCppEngine
     from .evaluate import evaluate
     from .rounds import eval_policy
@@ -216,7 +216,7 @@ def final_eval(recipe: Recipe, console: Console) -> dict[str, Any]:
     if (gdir / "summary.json").exists() and is_complete(gdir, settings, {"gguf": settings["gguf"]}):
         final = read_json(gdir / "summary.json")
     else:
-        records = load_dev(recipe)
+        records = load_recipe_data(recipe.data, split=ev.split)[: ev.limit]
         engine = LlamaCppEngine(gguf, n_ctx=ev.n_ctx, seed=recipe.seed)
         final = evaluate(
             records, engine, gdir, mode=ev.mode, max_new_tokens=ev.max_new_tokens, temperature=ev.temperature,
@@ -227,12 +227,6 @@ def final_eval(recipe: Recipe, console: Console) -> dict[str, Any]:
     metrics = {"base": base, "gguf": final | {"file": gguf.name, "quant": quant}}
     write_manifest(out, "eval", {"eval": ev.model_dump()}, {"gguf": settings["gguf"]}, metrics=metrics)
     return metrics
-
-
-def load_dev(recipe: Recipe) -> list:
-    from .data import load_recipe_data
-
-    return load_recipe_data(recipe.data, split=recipe.eval.split)[: recipe.eval.limit]
 
 
 def _export(recipe_path: str, overrides: list[str]) -> int:

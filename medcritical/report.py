@@ -206,7 +206,7 @@ def write_run_report(run: Path, recipe: Recipe, stages: dict[str, Any]) -> dict[
     return data
 
 
-def print_final(run: Path, recipe: Recipe, stages: dict[str, Any], report: dict[str, Any], console: Console) -> None:
+def print_final(run: Path, recipe: Recipe, report: dict[str, Any]) -> None:
     """The accuracy table per stage and the command to chat with the GGUF (on stdout)."""
     out = Console()
     t = Table(title=f"{recipe.name}: accuracy on the {recipe.eval.split} split", title_justify="left")
