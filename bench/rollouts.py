@@ -41,29 +41,10 @@ from rich.table import Table
 
 from medcritical.artifacts import versions
 from medcritical.cli import offline_quiet
+from medcritical.models import random_lora
+from medcritical.recipe import LoraCfg
 
 console = Console(stderr=True, highlight=False)
-
-
-def sft_shaped_adapter(base: str, out: Path, seed: int = 0, scale: float = 0.01) -> Path:
-    """A LoRA adapter shaped like the SFT stage's (the recipe's LoraCfg) with random non-zero B."""
-    import torch
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from medcritical.models import load_tokenizer, lora_config
-    from medcritical.recipe import LoraCfg
-
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    peft_model = get_peft_model(model, lora_config(LoraCfg()))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * scale)
-    peft_model.save_pretrained(out)
-    load_tokenizer(base).save_pretrained(out)
-    return out
 
 
 def run_engine(name: str, build: Any, recipe: Any, questions: list, work: Path, tok: Any) -> dict[str, Any]:
@@ -133,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             adapter = Path(a.adapter)
         else:
             with console.status("making an SFT-shaped LoRA adapter..."):
-                adapter = sft_shaped_adapter(base, work / "adapter")
+                adapter = random_lora(base, work / "adapter", LoraCfg())  # shaped like the SFT stage's
         tok = load_tokenizer(str(adapter) if adapter else base)
 
         t0 = time.perf_counter()

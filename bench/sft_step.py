@@ -6,7 +6,7 @@ Both sides train one epoch over the same examples: ``--examples`` templates
 drawn (seed 0) from the demo set's dataset-teacher templates, on the embedded
 SmolLM2-135M-Instruct in 4-bit NF4, with the same LoRA (r 16, alpha 32, the 7
 projections) and the same trainer settings, all read from one recipe: batch 4,
-max_length 768 (as recipes/demo-cpu.yaml), learning rate and schedule, float32
+max_length 768, learning rate and schedule, float32
 (TRL would default to bf16 autocast and gradient checkpointing; both are off
 on both sides), completion-only loss with TRL's default chunked NLL. The plain
 side is ``SFTTrainer`` as a user would write it; the kit side is

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .prompts import detect_lang
 
 FORMATS = ("cmexam", "jsonl", "medqa", "hf-disk")
 SPLITS = ("train", "dev", "test")
@@ -478,6 +479,11 @@ def load_recipe_data(cfg: Any, split: str = "all", console: Any = None) -> list[
                 f"[yellow]{path}: {len(res.records) - len(new)} ids already loaded from an earlier source, skipped"
             )
         seen.update(r.id for r in new)
+        if src.get("lang", "any") != "any":
+            kept = [r for r in new if detect_lang(r.question) == src["lang"]]
+            if console is not None:
+                console.print(f"{path}: lang {src['lang']}: kept {len(kept)} of {len(new)} questions", highlight=False)
+            new = kept
         records += new[: src.get("limit")] if src.get("limit") else new
     if split == "all":
         return records

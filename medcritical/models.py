@@ -188,6 +188,29 @@ def lora_config(cfg: LoraCfg) -> Any:
     )
 
 
+def random_lora(base: str | Path, out: Path, cfg: LoraCfg, seed: int = 0, scale: float = 0.01) -> Path:
+    """Save a LoRA adapter of ``cfg``'s shape on ``base`` with random non-zero B, and the tokenizer.
+
+    peft starts B at zero, so a fresh adapter is a no-op; this one changes the
+    logits by about ``scale``. It stands in for a trained adapter where only its
+    shape and effect matter: export tests and benchmarks.
+    """
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft_model = get_peft_model(model, lora_config(cfg))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    peft_model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    return out
+
+
 def add_unsloth_lora(loaded: Loaded, cfg: LoraCfg, seed: int) -> Any:
     """unsloth attaches LoRA itself (its gradient checkpointing needs it)."""
     from unsloth import FastLanguageModel

@@ -30,7 +30,7 @@ from typing import Any
 
 from rich.console import Console
 
-from .artifacts import read_json, read_manifest, sha256_json, write_manifest
+from .artifacts import read_json, read_manifest, sha256_file, sha256_json, write_manifest
 from .errors import UserError
 from .recipe import Recipe, load_recipe
 
@@ -191,41 +191,31 @@ def _rounds(recipe: Recipe, console: Console) -> None:
 
 
 def final_eval(recipe: Recipe, console: Console) -> dict[str, Any]:
-    """Dev accuracy of the untrained base and of the exported GGUF (same settings as the rounds')."""
+    """Dev accuracy of the untrained base and of each exported quantized GGUF (same settings as the rounds').
+
+    ``metrics["ggufs"]`` holds every quant type's result (the f16 file only
+    when no quant was made); ``metrics["gguf"]`` is the one to ship and chat with.
+    """
     from export.cli import preferred_gguf
 
-    from .artifacts import is_complete, sha256_file
-    from .data import load_recipe_data
-    from .engines import LlamaCppEngine
-    from .evaluate import evaluate
     from .rounds import eval_policy
 
     run = Path(recipe.output_dir)
     out = run / "eval"
     base = eval_policy(recipe, None, out / "base", console)
-    names = [recipe.export.outtype, *recipe.export.quants]
+    names = list(recipe.export.quants) or [recipe.export.outtype]
     ggufs = {q: run / "export" / f"{recipe.name}-{q}.gguf" for q in names}
     ggufs = {q: p for q, p in ggufs.items() if p.is_file()}
     if not ggufs:
         raise UserError(f"{run / 'export'}: no GGUF; run the export stage first")
-    gguf = preferred_gguf(ggufs)
-    quant = next(q for q, p in ggufs.items() if p == gguf)
-    ev = recipe.eval
-    settings = {"gguf": sha256_file(gguf), "eval": ev.model_dump(), "language": recipe.language, "seed": recipe.seed}
-    gdir = out / f"gguf-{quant}"
-    if (gdir / "summary.json").exists() and is_complete(gdir, settings, {"gguf": settings["gguf"]}):
-        final = read_json(gdir / "summary.json")
-    else:
-        records = load_recipe_data(recipe.data, split=ev.split)[: ev.limit]
-        engine = LlamaCppEngine(gguf, n_ctx=ev.n_ctx, seed=recipe.seed)
-        final = evaluate(
-            records, engine, gdir, mode=ev.mode, max_new_tokens=ev.max_new_tokens, temperature=ev.temperature,
-            top_p=ev.top_p, batch_size=ev.batch_size, language=recipe.language, seed=recipe.seed, config=settings,
-            console=console, label=f"eval {gguf.name}",
-        )  # fmt: skip
-        write_manifest(gdir, "eval", settings, {"gguf": settings["gguf"]}, metrics=final)
-    metrics = {"base": base, "gguf": final | {"file": gguf.name, "quant": quant}}
-    write_manifest(out, "eval", {"eval": ev.model_dump()}, {"gguf": settings["gguf"]}, metrics=metrics)
+    results = {
+        q: eval_policy(recipe, None, out / f"gguf-{q}", console, gguf=p) | {"file": p.name, "quant": q}
+        for q, p in ggufs.items()
+    }
+    ship = preferred_gguf(ggufs)
+    metrics = {"base": base, "ggufs": results, "gguf": next(r for r in results.values() if r["file"] == ship.name)}
+    inputs = {q: sha256_file(p) for q, p in ggufs.items()}
+    write_manifest(out, "eval", {"eval": recipe.eval.model_dump()}, inputs, metrics=metrics)
     return metrics
 
 

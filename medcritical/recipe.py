@@ -34,6 +34,7 @@ class Source(Section):
     path: str  # a file or dataset directory; "demo" = the bundled demo set
     format: Literal["auto", "cmexam", "jsonl", "medqa", "hf-disk"] = "auto"
     limit: int | None = Field(None, gt=0)
+    lang: Literal["any", "zh", "en"] = "any"  # keep only questions in this language (CJK text = zh)
 
 
 class DataCfg(Section):
@@ -117,6 +118,8 @@ class CorrectionCfg(Section):
     by: Literal["sft", "policy"] = "sft"
     hint: Literal["none", "wrong"] = "wrong"  # "wrong": say only that the answer is wrong
     attempts: int = Field(2, gt=0)
+    # Wrong trajectories corrected per question (None = all); those with a parsed wrong answer go first.
+    per_question: int | None = Field(None, gt=0)
     temperature: float = Field(0.7, ge=0)
     max_new_tokens: int = Field(1024, gt=0)
 

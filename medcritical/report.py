@@ -22,7 +22,7 @@ def _summary(path: Path) -> dict[str, Any] | None:
 
 
 def accuracy_rows(run: Path) -> list[dict[str, Any]]:
-    """Dev accuracy per stage: base, SFT, each DPO round, the exported GGUF."""
+    """Dev accuracy per stage: base, SFT, each DPO round, each exported GGUF."""
     rows = []
 
     def add(stage: str, s: dict[str, Any] | None) -> None:
@@ -35,9 +35,8 @@ def accuracy_rows(run: Path) -> list[dict[str, Any]]:
     for row in read_json(table) if table.is_file() else []:
         if row["round"] > 0:
             add(f"round {row['round']}", _summary(run / "rounds" / f"round-{row['round']}" / "eval" / "summary.json"))
-    final = (read_manifest(run / "eval") or {}).get("metrics", {}).get("gguf")
-    if final:
-        add(f"gguf {final['quant']}", final)
+    for q, s in (read_manifest(run / "eval") or {}).get("metrics", {}).get("ggufs", {}).items():
+        add(f"gguf {q}", s)
     return rows
 
 

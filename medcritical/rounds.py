@@ -33,6 +33,7 @@ from .artifacts import (
     is_complete,
     read_json,
     read_manifest,
+    sha256_file,
     sha256_tree,
     write_manifest,
 )
@@ -136,22 +137,29 @@ def eval_settings(recipe: Recipe, adapter: Path | None) -> dict[str, Any]:
     return settings
 
 
-def eval_policy(recipe: Recipe, adapter: Path | None, out: Path, console: Console) -> dict[str, Any]:
+def eval_policy(
+    recipe: Recipe, adapter: Path | None, out: Path, console: Console, gguf: Path | None = None
+) -> dict[str, Any]:
     """Dev-split accuracy of base + ``adapter`` (``None``: the untrained base); resumes, cached by settings.
 
     Greedy as ``recipe.eval`` says, on the engine ``rounds.rollouts.engine``
     picks (:func:`engine_kind`): llama.cpp evaluates the q8_0 GGUF of base +
     adapter (exported once into ``<output_dir>/policies``), transformers the
-    4-bit base with the adapter. Returns ``summary.json``'s content (accuracy,
-    parse_rate, engine, ...).
+    4-bit base with the adapter. With ``gguf`` it evaluates that file on
+    llama.cpp instead (an exported model; ``adapter`` is ignored). Returns
+    ``summary.json``'s content (accuracy, parse_rate, engine, ...).
     """
     from .evaluate import evaluate
 
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise UserError(f"{adapter}: not a LoRA adapter directory (no adapter_config.json)")
     summary = out / "summary.json"
-    settings = eval_settings(recipe, adapter)
-    inputs = {"adapter": settings["adapter"] or "none"}
+    if gguf is not None:
+        settings = {"gguf": sha256_file(gguf), "eval": recipe.eval.model_dump(), "language": recipe.language}
+        inputs = {"gguf": settings["gguf"]}
+    else:
+        settings = eval_settings(recipe, adapter)
+        inputs = {"adapter": settings["adapter"] or "none"}
     if summary.exists() and is_complete(out, settings, inputs):
         return read_json(summary)
     if (out / "settings.json").exists():
@@ -170,15 +178,21 @@ def eval_policy(recipe: Recipe, adapter: Path | None, out: Path, console: Consol
                 )
             )
     records = load_recipe_data(recipe.data, split=recipe.eval.split)[: recipe.eval.limit]
-    engine = _engine(recipe, adapter, console)
+    if gguf is not None:
+        from .engines import LlamaCppEngine
+
+        engine = LlamaCppEngine(gguf, n_ctx=recipe.eval.n_ctx, seed=recipe.seed)
+    else:
+        engine = _engine(recipe, adapter, console)
+    label = gguf.name if gguf is not None else "base" if adapter is None else out.parent.name
     ev = recipe.eval
     res = evaluate(
         records, engine, out, mode=ev.mode, max_new_tokens=ev.max_new_tokens, temperature=ev.temperature,
         top_p=ev.top_p, batch_size=ev.batch_size, language=recipe.language, seed=recipe.seed, config=settings,
-        console=console, label=f"eval {out.parent.name}",
+        console=console, label=f"eval {label}",
     )  # fmt: skip
-    gguf = getattr(engine, "gguf", None)
-    write_manifest(out, "eval", settings, inputs, metrics=res, gguf=str(gguf) if gguf else None)
+    used = getattr(engine, "gguf", None)
+    write_manifest(out, "eval", settings, inputs, metrics=res, gguf=str(used) if used else None)
     engine.close()
     return res
 

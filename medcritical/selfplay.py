@@ -19,7 +19,7 @@ generated it (``transformers`` or ``llamacpp``, see ``rounds.engine_kind``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,20 +79,27 @@ def clean_correction(text: str, q: MCQ, lang: str) -> str:
     return render_template(parts[0], parts[1], parsed, lang) if parts and parsed else text
 
 
+def to_correct(rows: Iterable[dict], byid: dict[str, MCQ], per_question: int | None) -> list[tuple[str, MCQ, str]]:
+    """(key, question, text) of the wrong samples to correct: at most ``per_question`` per question,
+    those with a parsed (wrong) answer before truncated ones, each in sample order."""
+    wrong = []
+    for row in rows:
+        if row["id"] not in byid:
+            continue
+        bad = [(j, s) for j, s in enumerate(row["samples"]) if not s["correct"]]
+        bad.sort(key=lambda js: js[1]["parsed"] is None)  # stable: sample order within each kind
+        wrong += [(f"{row['id']}#{j}", byid[row["id"]], s["text"]) for j, s in bad[:per_question]]
+    return wrong
+
+
 def corrections(
     recipe: Recipe, engine: Engine, questions: Sequence[MCQ], rolled: JsonlLog, path: Path, console: Console
 ) -> JsonlLog:
-    """Ask the model to correct each wrong trajectory; keep those verified by the key."""
+    """Ask the model to correct wrong trajectories (:func:`to_correct`); keep those verified by the key."""
     cfg = recipe.rounds.correction
     byid = {q.id: q for q in questions}
     log = JsonlLog(path)
-    wrong = [
-        (f"{row['id']}#{j}", byid[row["id"]], s["text"])
-        for row in rolled.values()
-        if row["id"] in byid
-        for j, s in enumerate(row["samples"])
-        if not s["correct"]
-    ]
+    wrong = to_correct(rolled.values(), byid, cfg.per_question)
     todo = [w for w in wrong if w[0] not in log]
     name = engine.name if todo else None  # an engine built on first use loads here, before the bar
     prog, task = _bar(console, "corrections", len(wrong), len(wrong) - len(todo))

@@ -12,6 +12,7 @@ from medcritical.data import (
     demo_path,
     describe_skips,
     load_questions,
+    load_recipe_data,
     records_hash,
     split_of,
     split_records,
@@ -385,3 +386,20 @@ def test_split_records_disjoint_and_covering():
         split_records(records, "val")
     with pytest.raises(UserError, match="fractions"):
         split_of("x", dev=0.7, test=0.5)
+
+
+def test_source_lang_filter_keeps_one_language_and_says_how_many():
+    from rich.console import Console
+
+    from medcritical.prompts import detect_lang
+    from medcritical.recipe import load_recipe
+
+    console = Console(record=True, width=200)
+    recipe = load_recipe(None, ["data.sources=[{path: demo, lang: en}]"])
+    kept = load_recipe_data(recipe.data, console=console)
+    assert len(kept) == 50 and {detect_lang(r.question) for r in kept} == {"en"}
+    assert "lang en: kept 50 of 100 questions" in console.export_text()
+    zh = load_recipe_data(load_recipe(None, ["data.sources=[{path: demo, lang: zh}]"]).data)
+    assert len(zh) == 50 and not {r.id for r in zh} & {r.id for r in kept}
+    with pytest.raises(UserError, match="lang"):
+        load_recipe(None, ["data.sources=[{path: demo, lang: fr}]"])

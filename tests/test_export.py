@@ -24,6 +24,8 @@ import pytest
 
 from medcritical.cli import main
 from medcritical.errors import UserError
+from medcritical.models import random_lora
+from medcritical.recipe import LoraCfg
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -31,20 +33,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def make_lora(base: Path, out: Path, seed: int = 0, scale: float = 0.05) -> Path:
     """A rank-4 LoRA on every projection with random B (peft initializes B to zero)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM"))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * scale)
-    peft_model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(base).save_pretrained(out)
-    return out
+    return random_lora(base, out, LoraCfg(r=4, lora_alpha=8, target_modules=TARGETS), seed=seed, scale=scale)
 
 
 def export_args(base: Path, adapter: Path, out: Path, *extra: str) -> list[str]:

@@ -226,3 +226,23 @@ def test_engine_choice(tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.Mon
     with pytest.raises(UserError, match="GGUF converter not found"):
         recipe_policy_gguf(recipe, None)
     assert not (tmp_path / "run" / "policies").exists() or not list((tmp_path / "run" / "policies").iterdir())
+
+
+def test_to_correct_caps_per_question_stated_wrong_answers_first():
+    from medcritical.data import MCQ
+    from medcritical.selfplay import to_correct
+
+    q = MCQ(id="q1", question="Which?", options={"A": "a", "B": "b", "C": "c"}, answer=("A",))
+    samples = [
+        {"text": "truncated", "parsed": None, "correct": False},
+        {"text": "Answer: A", "parsed": ["A"], "correct": True},
+        {"text": "Answer: B", "parsed": ["B"], "correct": False},
+        {"text": "Answer: C", "parsed": ["C"], "correct": False},
+    ]
+    rows = [{"id": "q1", "samples": samples}, {"id": "not-in-split", "samples": samples}]
+    every = to_correct(rows, {"q1": q}, None)
+    assert [(k, t) for k, _, t in every] == [("q1#2", "Answer: B"), ("q1#3", "Answer: C"), ("q1#0", "truncated")]
+    assert [k for k, _, _ in to_correct(rows, {"q1": q}, 1)] == ["q1#2"]
+    assert load_recipe(None, ["rounds.correction.per_question=1"]).rounds.correction.per_question == 1
+    with pytest.raises(UserError, match="per_question"):
+        load_recipe(None, ["rounds.correction.per_question=0"])

@@ -21,18 +21,24 @@ def _save(cfg: PretrainedConfig, tok: PreTrainedTokenizerBase, path: Path, seed:
     return path
 
 
+# Both tiny architectures: 2 layers, hidden 64, grouped-query attention, tied embeddings.
+TINY_DIMS = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=True,
+)
+
+
 def build_tiny_llama(path: Path, seed: int = 0) -> Path:
     """A 2-layer llama with SmolLM2's real tokenizer and chat template."""
     tok = default_tokenizer()
     cfg = LlamaConfig(
+        **TINY_DIMS,
         vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=2048,
-        tie_word_embeddings=True,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
@@ -126,14 +132,9 @@ def build_tiny_qwen2(path: Path, seed: int = 0) -> Path:
 
     tok = qwen2_tokenizer()
     cfg = Qwen2Config(
+        **TINY_DIMS,
         vocab_size=151936,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=4096,
-        tie_word_embeddings=True,
         bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
