@@ -30,7 +30,7 @@ from typing import Any
 
 from rich.console import Console
 
-from .artifacts import read_json, read_manifest, sha256_file, sha256_json, write_manifest
+from .artifacts import read_json, read_manifest, sha256_json, write_manifest
 from .errors import UserError
 from .recipe import Recipe, load_recipe
 
@@ -212,9 +212,10 @@ def final_eval(recipe: Recipe, console: Console) -> dict[str, Any]:
         q: eval_policy(recipe, None, out / f"gguf-{q}", console, gguf=p) | {"file": p.name, "quant": q}
         for q, p in ggufs.items()
     }
-    ship = preferred_gguf(ggufs)
-    metrics = {"base": base, "ggufs": results, "gguf": next(r for r in results.values() if r["file"] == ship.name)}
-    inputs = {q: sha256_file(p) for q, p in ggufs.items()}
+    ship = next(q for q, p in ggufs.items() if p == preferred_gguf(ggufs))
+    metrics = {"base": base, "ggufs": results, "gguf": results[ship]}
+    # Each GGUF's hash as its evaluation recorded it (hashing 100s of MB again would only repeat that).
+    inputs = {q: read_manifest(out / f"gguf-{q}")["inputs"]["gguf"] for q in ggufs}
     write_manifest(out, "eval", {"eval": recipe.eval.model_dump()}, inputs, metrics=metrics)
     return metrics
 

@@ -184,6 +184,11 @@ def policy_gguf(
     return PolicyGGUF(path, adapter_hash, True, seconds, steps)
 
 
-def recipe_policy_gguf(recipe: Any, adapter: str | Path | None, console: Console | None = None) -> PolicyGGUF:
+def recipe_policy_gguf(
+    recipe: Any, adapter: str | Path | None, console: Console | None = None, adapter_hash: str | None = None
+) -> PolicyGGUF:
     """:func:`policy_gguf` for a recipe's model, cached in ``<output_dir>/policies``."""
-    return policy_gguf(recipe.model.name_or_path, adapter, Path(recipe.output_dir) / "policies", console=console)
+    return policy_gguf(
+        recipe.model.name_or_path, adapter, Path(recipe.output_dir) / "policies", console=console,
+        adapter_hash=adapter_hash,
+    )  # fmt: skip

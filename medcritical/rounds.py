@@ -69,15 +69,26 @@ def engine_kind(recipe: Recipe) -> str:
     return "llamacpp"
 
 
-def _engine(recipe: Recipe, adapter: Path | None, console: Console | None = None) -> Any:
-    """The policy base + ``adapter`` (``None``: the base alone) on the recipe's engine."""
+def _engine(
+    recipe: Recipe,
+    adapter: Path | None,
+    console: Console | None = None,
+    *,
+    gguf: Path | None = None,
+    adapter_hash: str | None = None,
+) -> Any:
+    """The policy base + ``adapter`` (``None``: the base alone) on the recipe's engine, or ``gguf`` on llama.cpp.
+
+    ``adapter_hash`` (the adapter's ``sha256_tree``, when the caller has it)
+    spares hashing the adapter again to find its cached policy GGUF.
+    """
     console = console or Console(stderr=True)
-    if engine_kind(recipe) == "llamacpp":
+    if gguf is not None or engine_kind(recipe) == "llamacpp":
         from .engines import LlamaCppEngine
         from .policy_gguf import recipe_policy_gguf
 
-        gguf = recipe_policy_gguf(recipe, adapter, console)
-        return LlamaCppEngine(gguf.path, n_ctx=recipe.eval.n_ctx, seed=recipe.seed)
+        path = gguf or recipe_policy_gguf(recipe, adapter, console, adapter_hash=adapter_hash).path
+        return LlamaCppEngine(path, n_ctx=recipe.eval.n_ctx, seed=recipe.seed)
     from .engines import HFEngine
     from .models import load_model
 
@@ -178,12 +189,7 @@ def eval_policy(
                 )
             )
     records = load_recipe_data(recipe.data, split=recipe.eval.split)[: recipe.eval.limit]
-    if gguf is not None:
-        from .engines import LlamaCppEngine
-
-        engine = LlamaCppEngine(gguf, n_ctx=recipe.eval.n_ctx, seed=recipe.seed)
-    else:
-        engine = _engine(recipe, adapter, console)
+    engine = _engine(recipe, adapter, console, gguf=gguf, adapter_hash=settings.get("adapter"))
     label = gguf.name if gguf is not None else "base" if adapter is None else out.parent.name
     ev = recipe.eval
     res = evaluate(
