@@ -1,27 +1,39 @@
-"""Rollout throughput: the llama.cpp rollout engine vs the transformers one, same prompts, same run.
+"""Rollout throughput: every rollout engine on the same prompts, the same policy, in the same run.
 
-    .venv/bin/python bench/rollouts.py --questions 8 --k 2 --max-new-tokens 128 --temperature 0.8
+    .venv/bin/python bench/rollouts.py --questions 16 --k 2 --max-new-tokens 128 --temperature 0.8
 
-Both engines sample the embedded default (SmolLM2-135M-Instruct) plus an
-SFT-shaped LoRA adapter (the recipe's LoRA: r 16, alpha 32, every projection,
-with random B so that it is not a no-op; ``--adapter DIR`` takes a trained one,
-``--no-adapter`` the bare base) exactly as ``medcritical rounds`` does:
-``selfplay.rollouts`` on the first N demo train questions, k samples each at
-the given temperature (top-p 0.95).
+The policy is the embedded default (SmolLM2-135M-Instruct) plus an SFT-shaped
+LoRA adapter (the recipe's LoRA: r 16, alpha 32, every projection, with random
+B so that it is not a no-op; ``--adapter DIR`` takes a trained one,
+``--no-adapter`` the bare base), sampled exactly as ``medcritical rounds``
+does: ``selfplay.rollouts`` on the first N demo train questions, k samples
+each at the given temperature (top-p 0.95). Engines (``--engines``, in order):
 
-- transformers: the 4-bit NF4 model as in training, plus the adapter,
-  batched ``--batch-size`` sequences at a time (rounds.rollouts.batch_size).
-- llama.cpp: the q8_0 GGUF of base + adapter that the rounds cache in
-  ``<output_dir>/policies`` (``medcritical.policy_gguf``), one sequence at a
-  time; the k samples of a question reuse its evaluated prompt.
+- ``transformers``: the 4-bit NF4 model as in training, plus the adapter,
+  ``--batch-size`` sequences at a time (rounds.rollouts.batch_size): the baseline.
+- ``llamacpp``: in-process llama.cpp on the q8_0 GGUF of base + adapter that the
+  rounds cache in ``<output_dir>/policies``, one sequence at a time.
+- ``llamacpp-server``: llama-cpp-python's server on the same GGUF
+  (``medcritical.served.LlamaCppServer``), one process with every thread.
+- ``llamacpp-server-xN``: N such processes with ``threads / N`` threads each
+  (that server decodes one request at a time; N processes are its "parallel slots").
+- ``vllm-merged``: vLLM (CPU build, its own venv; ``bash setup.sh --vllm``) on base
+  + adapter merged into one ``--vllm-dtype`` model directory.
+- ``vllm-lora``: vLLM on the base with the adapter as a LoRA module.
 
-Generated tokens are counted with the model's tokenizer on both sides, on the
-texts as the rollouts store them. Generation time excludes loading; load time
-and the one-off GGUF export (merge, convert, quantize; from an empty cache) are
-reported apart. Prints a table and writes JSON (``--out``).
+Served engines get ``--served-batch`` samples per ``generate`` call (rounds'
+``batch_size``; the rollouts ask for ``batch_size // k`` questions at a time)
+and as many requests in flight (``--concurrency``; 2 per llama.cpp process).
+vLLM engines are skipped, with a note, when vLLM is not installed.
+
+Generated tokens are counted with the model's tokenizer on every side, on the
+texts as the rollouts store them. Generation time excludes loading (server
+start included); load time and the one-off exports (GGUF: merge, convert,
+quantize; merged directory for vLLM) are reported apart. Prints a table and
+writes JSON (``--out``), with the machine's load average before and after.
 
 llama.cpp's threads spin-wait on each other, so any other CPU-heavy process
-wrecks its numbers (and transformers' less): benchmark on an idle machine.
+wrecks its numbers (and the others' less): benchmark on an idle machine.
 """
 
 from __future__ import annotations
@@ -40,28 +52,36 @@ from rich.console import Console
 from rich.table import Table
 
 from medcritical.artifacts import versions
-from medcritical.cli import offline_quiet
 from medcritical.models import random_lora
 from medcritical.recipe import LoraCfg
+from medcritical.runtime import offline_quiet
 
 console = Console(stderr=True, highlight=False)
 
 
-def run_engine(name: str, build: Any, recipe: Any, questions: list, work: Path, tok: Any) -> dict[str, Any]:
+def run_engine(
+    label: str, build: Any, recipe: Any, questions: list, work: Path, tok: Any, batch: int
+) -> dict[str, Any]:
     """Load an engine, run the rounds' rollouts with it, count what it generated."""
     from medcritical.selfplay import rollouts
 
+    recipe = recipe.model_copy(deep=True)
+    recipe.rounds.rollouts.batch_size = batch
     t0 = time.perf_counter()
     engine = build()
     load_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    log = rollouts(recipe, engine, questions, work / f"rollouts-{engine.name}.jsonl", console)
-    gen_s = time.perf_counter() - t0
-    engine.close()
+    try:
+        t0 = time.perf_counter()
+        log = rollouts(recipe, engine, questions, work / f"rollouts-{label.replace(' ', '_')}.jsonl", console)
+        gen_s = time.perf_counter() - t0
+    finally:
+        engine.close()
     samples = [s for row in log.values() for s in row["samples"]]
     tokens = sum(len(tok(s["text"], add_special_tokens=False)["input_ids"]) for s in samples)
     return {
-        "engine": name,
+        "engine": label,
+        "name": engine.name,
+        "batch": batch,
         "load_seconds": round(load_s, 2),
         "seconds": round(gen_s, 2),
         "samples": len(samples),
@@ -70,20 +90,28 @@ def run_engine(name: str, build: Any, recipe: Any, questions: list, work: Path, 
         "samples_per_second": round(len(samples) / gen_s, 3),
         "sample_accuracy": round(sum(s["correct"] for s in samples) / max(len(samples), 1), 4),
         "parse_rate": round(sum(s["parsed"] is not None for s in samples) / max(len(samples), 1), 4),
+        "load_average_after": round(os.getloadavg()[0], 2),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--questions", type=int, default=8, help="demo train questions (default 8)")
+    ap.add_argument("--questions", type=int, default=16, help="demo train questions (default 16)")
     ap.add_argument("--k", type=int, default=2, help="samples per question (default 2)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--batch-size", type=int, default=8, help="transformers sequences per batch, as rounds (default 8)")
-    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for both engines (default: all)")
+    ap.add_argument("--served-batch", type=int, default=32, help="samples per generate call for served engines")
+    ap.add_argument("--concurrency", type=int, default=32, help="requests in flight for vLLM (default 32)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for every engine (default: all)")
+    ap.add_argument("--vllm-dtype", default="bfloat16", help="vLLM's --dtype and the merged directory's (bfloat16)")
     ap.add_argument("--adapter", help="a trained LoRA adapter (default: a random SFT-shaped one)")
     ap.add_argument("--no-adapter", action="store_true", help="sample the bare base model")
-    ap.add_argument("--engines", default="llamacpp,transformers", help="which engines, in order")
+    ap.add_argument(
+        "--engines",
+        default="transformers,llamacpp,llamacpp-server,llamacpp-server-x2,vllm-merged,vllm-lora",
+        help="which engines, in order",
+    )
     ap.add_argument("--out", default="bench/results/rollouts.json")
     a = ap.parse_args(argv)
     offline_quiet()
@@ -91,18 +119,25 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
+    from export.merge import merge_adapters
     from medcritical.data import load_recipe_data
     from medcritical.default_model import materialize
     from medcritical.engines import HFEngine, LlamaCppEngine
     from medcritical.models import load_model, load_tokenizer
-    from medcritical.policy_gguf import policy_gguf
+    from medcritical.policy import policy_gguf
     from medcritical.recipe import Recipe
+    from medcritical.served import LlamaCppServer, VllmServer, vllm_available
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     torch.set_num_threads(a.threads)
+    load_before = [round(x, 2) for x in os.getloadavg()]
     base = str(materialize())
     work = Path(tempfile.mkdtemp(prefix="bench-rollouts-"))
+    logs = Path(a.out).parent / "rollouts-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    notes: list[str] = []
+    export: dict[str, Any] = {}
     try:
         recipe = Recipe(output_dir=str(work / "run"))
         ro = recipe.rounds.rollouts
@@ -116,42 +151,100 @@ def main(argv: list[str] | None = None) -> int:
             with console.status("making an SFT-shaped LoRA adapter..."):
                 adapter = random_lora(base, work / "adapter", LoraCfg())  # shaped like the SFT stage's
         tok = load_tokenizer(str(adapter) if adapter else base)
+        keys = [k.strip() for k in a.engines.split(",") if k.strip()]
 
-        t0 = time.perf_counter()
-        gguf = policy_gguf("default", adapter, work / "run" / "policies", console=console)
-        export = {"seconds": round(time.perf_counter() - t0, 2), "steps": gguf.steps}
-        export["size_mib"] = round(gguf.path.stat().st_size / 2**20, 1)
+        gguf = None
+        if any(k.startswith("llamacpp") for k in keys):
+            t0 = time.perf_counter()
+            gguf = policy_gguf("default", adapter, work / "run" / "policies", console=console).path
+            export["gguf_seconds"] = round(time.perf_counter() - t0, 2)
+            export["gguf_mib"] = round(gguf.stat().st_size / 2**20, 1)
+        merged = None
+        vllm = vllm_available()
+        if any(k.startswith("vllm") for k in keys) and not vllm:
+            notes.append("vLLM engines skipped: no vLLM venv (bash setup.sh --vllm)")
+        if "vllm-merged" in keys and vllm:
+            t0 = time.perf_counter()
+            with console.status("merging the adapter for vLLM..."):
+                merged = merge_adapters(base, [adapter] if adapter else [], work / "merged", dtype=a.vllm_dtype).path
+            export["merge_seconds"] = round(time.perf_counter() - t0, 2)
 
-        builders = {
-            "llamacpp": (
-                "llama.cpp q8_0, 1 stream",
-                lambda: LlamaCppEngine(gguf.path, n_ctx=recipe.eval.n_ctx, n_threads=a.threads, seed=recipe.seed),
-            ),
+        def llama_server(n: int) -> Any:
+            server = LlamaCppServer(
+                gguf, n_ctx=recipe.eval.n_ctx, n_parallel=n, threads=a.threads, log_file=logs / f"llamacpp-x{n}.log"
+            )
+            return server.start().engine(concurrency=2)
+
+        def vllm_server(lora: bool) -> Any:
+            model_dir, lora_dir = (base, adapter) if lora else (merged, None)
+            server = VllmServer(
+                model_dir, lora_dir=lora_dir, dtype=a.vllm_dtype, max_model_len=recipe.eval.n_ctx,
+                log_file=logs / ("vllm-lora.log" if lora else "vllm-merged.log"),
+                env={"VLLM_CPU_OMP_THREADS_BIND": "auto"},
+            )  # fmt: skip
+            return server.start().engine(concurrency=a.concurrency)
+
+        builders: dict[str, tuple[str, Any, int]] = {
             "transformers": (
                 f"transformers NF4, batch {a.batch_size}",
                 lambda: HFEngine(*_hf(load_model(recipe.model, adapter=adapter))),
+                a.batch_size,
+            ),
+            "llamacpp": (
+                "llama.cpp q8_0 in-process, 1 stream",
+                lambda: LlamaCppEngine(gguf, n_ctx=recipe.eval.n_ctx, n_threads=a.threads, seed=recipe.seed),
+                a.batch_size,
             ),
         }
+        for key in keys:
+            if key.startswith("llamacpp-server"):
+                n = int(key.rsplit("-x", 1)[1]) if "-x" in key else 1
+                per = max(1, a.threads // n)
+                label = f"llama.cpp server q8_0, {n} process{'es' if n > 1 else ''} x {per} thread{'s' * (per > 1)}"
+                builders[key] = (label, lambda n=n: llama_server(n), a.served_batch)
+        if vllm:
+            builders["vllm-merged"] = (
+                f"vLLM CPU, merged policy ({a.vllm_dtype})",
+                lambda: vllm_server(False),
+                a.served_batch,
+            )
+            builders["vllm-lora"] = (
+                f"vLLM CPU, base + LoRA ({a.vllm_dtype})",
+                lambda: vllm_server(True),
+                a.served_batch,
+            )
         rows = []
-        for key in a.engines.split(","):
-            label, build = builders[key.strip()]
-            rows.append(run_engine(label, build, recipe, questions, work, tok))
+        for key in keys:
+            if key not in builders:
+                if not key.startswith("vllm"):
+                    raise SystemExit(f"unknown engine {key!r}")
+                continue
+            label, build, batch = builders[key]
+            console.print(f"[bold]{label}[/] (load average {os.getloadavg()[0]:.2f})")
+            try:
+                rows.append(run_engine(label, build, recipe, questions, work, tok, batch))
+            except Exception as e:  # one engine failing must not lose the others' results
+                notes.append(f"{label}: failed: {type(e).__name__}: {str(e)[:300]}")
+                console.print(f"[red]{notes[-1]}[/]")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     ref = next((r for r in rows if r["engine"].startswith("transformers")), rows[0])
     for r in rows:
         r["speedup_vs_transformers"] = round(r["tokens_per_second"] / ref["tokens_per_second"], 2)
-    t = Table(
-        title=f"rollouts: {len(questions)} demo train questions x k={a.k}, {a.max_new_tokens} new tokens, "
-        f"temperature {a.temperature}, {a.threads} threads (CPU)",
-        title_justify="left",
+    load_after = [round(x, 2) for x in os.getloadavg()]
+    title = (
+        f"rollouts: {len(questions)} demo train questions x k={a.k}, {a.max_new_tokens} new tokens, "
+        f"temperature {a.temperature}, {a.threads} threads (CPU); load average {load_before[0]} before, "
+        f"{load_after[0]} after"
     )
-    for col in ("engine", "load s", "gen s", "samples", "tokens", "tok/s", "vs transformers"):
+    t = Table(title=title, title_justify="left")
+    for col in ("engine", "batch", "load s", "gen s", "samples", "tokens", "tok/s", "vs transformers"):
         t.add_column(col, justify="left" if col == "engine" else "right")
     for r in rows:
         t.add_row(
             r["engine"],
+            str(r["batch"]),
             f"{r['load_seconds']:.1f}",
             f"{r['seconds']:.1f}",
             str(r["samples"]),
@@ -160,26 +253,28 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['speedup_vs_transformers']:.2f}x",
         )
     console.print(t)
-    steps = ", ".join(f"{k} {v:.1f}s" for k, v in export["steps"].items())
-    console.print(f"one-off q8_0 GGUF export: {export['seconds']:.1f}s ({steps}), {export['size_mib']} MiB")
+    for n in notes:
+        console.print(f"[yellow]{n}[/]")
 
     result = {
         "args": vars(a),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor()},
+        "load_average": {"before": load_before, "after": load_after},
         "versions": versions(),
         "export": export,
+        "notes": notes,
         "results": rows,
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
-    print("| engine | load s | generation s | samples | generated tokens | tok/s | vs transformers |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| engine | batch | load s | generation s | samples | generated tokens | tok/s | vs transformers |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
-            f"| {r['engine']} | {r['load_seconds']} | {r['seconds']} | {r['samples']} | {r['generated_tokens']} "
-            f"| {r['tokens_per_second']} | {r['speedup_vs_transformers']}x |"
+            f"| {r['engine']} | {r['batch']} | {r['load_seconds']} | {r['seconds']} | {r['samples']} "
+            f"| {r['generated_tokens']} | {r['tokens_per_second']} | {r['speedup_vs_transformers']}x |"
         )
-    print(f"\none-off q8_0 GGUF export: {export['seconds']} s ({steps}); JSON: {a.out}")
+    print(f"\nload average (1 min) {load_before[0]} before, {load_after[0]} after; exports {export}; JSON: {a.out}")
     return 0
 
 
