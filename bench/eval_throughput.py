@@ -18,11 +18,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from medcritical.cli import offline_quiet
 from medcritical.data import demo_path, load_questions
 from medcritical.default_model import default_gguf
 from medcritical.engines import open_engine
 from medcritical.evaluate import evaluate
+from medcritical.runtime import offline_quiet
 
 
 def main() -> None:

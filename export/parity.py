@@ -28,18 +28,24 @@ model then answers greedily (its *reply*). For each GGUF the report has
   ``tf_top1_agreement``: per question, the fraction of the reply's positions
   (prompt end included) where the GGUF's most likely next token is the merged
   model's, averaged (``tf_top1_min``: the worst question);
-* free-running: ``answer_agreement``: greedy generation (``max_new_tokens``)
-  on both sides gives the same :func:`extract_answer` result (both unparsable
-  counts as agreeing; ``answered_both`` says how often both gave an answer),
-  and ``greedy_identical``: the same generated tokens. One flipped near-tie
-  early in a reply changes everything after it, so on small models it is
-  lower than the teacher-forced number.
+* free-running (``free_run=True``): ``answer_agreement``: among the questions
+  where greedy generation (``max_new_tokens``: the recipe's evaluation length,
+  so answers happen where they do in evaluation) gave an answer on *both*
+  sides (``answered_both``), the share where the answers are the same; two
+  unparsable replies are not agreement, and the parse rates
+  (``parse_rate_gguf``, ``parse_rate_hf``) are reported apart; and
+  ``greedy_identical``: the same generated tokens. One flipped near-tie early
+  in a reply changes everything after it, so on small models it is lower than
+  the teacher-forced number. The pipeline's export runs without it: its
+  ``eval`` stage evaluates each quant on the dev split with the same settings
+  and compares those answers with the merged model's (:data:`Reference`
+  answers are in the report's ``reference``).
 
 The llama.cpp side is always fed the transformers token ids, so a tokenizer
 difference and a weight difference show up separately. The gate: the 16-bit
 GGUF must render and tokenize every prompt identically and stay within
 ``f16_max_rel_error``; quantized GGUFs are reported, not gated. The report
-also states issue #5's criterion, q8_0's ``tf_answer_agreement`` >=
+also states an answer criterion, q8_0's ``tf_answer_agreement`` >=
 :data:`ANSWER_AGREEMENT_MIN` (met or not; it does not fail the export). The
 report is written before the gate raises, so a failed export still explains
 itself.
@@ -64,8 +70,8 @@ from medcritical.prompts import HEADINGS, choose_lang, question_messages
 
 REL_ERROR = "max |gguf - hf| / max |hf| over the next-token logits at the end of the prompt"
 # Bumped whenever the report's fields change, so a cached report of another version is recomputed.
-REPORT_VERSION = 2
-# Issue #5: the quantized GGUF whose teacher-forced answer agreement is held to ANSWER_AGREEMENT_MIN.
+REPORT_VERSION = 3
+# The quantized GGUF whose teacher-forced answer agreement is held to ANSWER_AGREEMENT_MIN.
 CRITERION_MODEL = "q8_0"
 CRITERION_METRIC = "tf_answer_agreement"
 ANSWER_AGREEMENT_MIN = 0.98
@@ -357,6 +363,7 @@ def compare_gguf(
     max_new_tokens: int = 64,
     n_ctx: int = 4096,
     n_threads: int | None = None,
+    free_run: bool = True,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Compare one GGUF with the references; returns (summary, per-question rows)."""
     import numpy as np
@@ -397,19 +404,19 @@ def compare_gguf(
             "tf_positions": len(ref.top1),
             "tf_top1": sum(a == b for a, b in zip(top1, ref.top1)) / len(ref.top1),
         }
-        # Free-running: each side generates its own reply.
-        gen: list[int] = []
-        for t in llm.generate(ref.ids, temp=0.0, repeat_penalty=1.0, reset=True):
-            if t in stop or len(gen) >= max_new_tokens:
-                break
-            gen.append(int(t))
-        answer = _answer(llm.detokenize(gen).decode("utf-8", "replace"), ref.letters)
-        row |= {
-            "answer_hf": ref.answer,
-            "answer_gguf": answer,
-            "answer_same": answer == ref.answer,
-            "greedy_same": gen == ref.generated,
-        }
+        row["answer_hf"] = ref.answer
+        if free_run:  # each side generates its own reply
+            gen: list[int] = []
+            for t in llm.generate(ref.ids, temp=0.0, repeat_penalty=1.0, reset=True):
+                if t in stop or len(gen) >= max_new_tokens:
+                    break
+                gen.append(int(t))
+            answer = _answer(llm.detokenize(gen).decode("utf-8", "replace"), ref.letters)
+            row |= {
+                "answer_gguf": answer,
+                "answer_same": answer is not None and answer == ref.answer,
+                "greedy_same": gen == ref.generated,
+            }
         rows.append(row)
     llm.close()  # free the model before the next GGUF is loaded
     return summarize(gguf, rows), rows
@@ -425,7 +432,10 @@ def summarize(gguf: str | Path, rows: Sequence[dict[str, Any]]) -> dict[str, Any
     tf_top1 = [r["tf_top1"] for r in rows]
 
     def share(key: str, among: Sequence[dict[str, Any]] = rows) -> float | None:
-        return sum(r[key] for r in among) / len(among) if among else None
+        return sum(r[key] for r in among) / len(among) if among and key in among[0] else None
+
+    free = bool(rows) and "answer_gguf" in rows[0]
+    both = [r for r in rows if free and r["answer_hf"] is not None and r["answer_gguf"] is not None]
 
     return {
         "file": Path(gguf).name,
@@ -442,9 +452,11 @@ def summarize(gguf: str | Path, rows: Sequence[dict[str, Any]]) -> dict[str, Any
         "tf_in_reply": sum(r["tf_decided_at"] != "appended" for r in rows),
         "tf_top1_agreement": share("tf_top1"),
         "tf_top1_min": min(tf_top1) if tf_top1 else None,
-        "answer_agreement": share("answer_same"),
-        "answered_both": sum(r["answer_hf"] is not None and r["answer_gguf"] is not None for r in rows),
-        "greedy_identical": share("greedy_same"),
+        "answer_agreement": share("answer_same", both) if free else None,
+        "answered_both": len(both) if free else None,
+        "parse_rate_hf": sum(r["answer_hf"] is not None for r in rows) / n if n else None,
+        "parse_rate_gguf": sum(r["answer_gguf"] is not None for r in rows) / n if free and n else None,
+        "greedy_identical": share("greedy_same") if free else None,
     }
 
 
@@ -464,7 +476,7 @@ def gate_failures(summary: dict[str, Any], threshold: float) -> list[str]:
 
 
 def criterion(models: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
-    """Issue #5's answer criterion on the q8_0 GGUF (None when none was made). Reported, not gated."""
+    """The answer criterion on the q8_0 GGUF (None when none was made). Reported, not gated."""
     s = models.get(CRITERION_MODEL)
     if s is None:
         return None
@@ -508,7 +520,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {_fmt(s['rel_error_max'], '.2e')} | {_fmt(s['rel_error_mean'], '.2e')} "
             f"| {_fmt(s['top1_agreement'], '.0%')} | {_fmt(s['tf_answer_agreement'], '.0%')} ({s['tf_scored']}) "
             f"| {_fmt(s['tf_top1_agreement'], '.1%')} | {_fmt(s['answer_agreement'], '.0%')} "
-            f"| {s['answered_both']}/{n} | {_fmt(s['greedy_identical'], '.0%')} |"
+            f"| {'-' if s['answered_both'] is None else str(s['answered_both']) + '/' + str(n)} "
+            f"| {_fmt(s['greedy_identical'], '.0%')} |"
         )
     first = next(iter(report["models"].values()), None)
     if first is not None:
@@ -527,7 +540,7 @@ def markdown(report: dict[str, Any]) -> str:
     if c is not None:
         lines += [
             "",
-            f"Answer criterion (issue #5): {c['model']} {c['metric']} = {_fmt(c['value'], '.1%')} "
+            f"Answer criterion: {c['model']} {c['metric']} = {_fmt(c['value'], '.1%')} "
             f"(on {c['scored']} questions) >= {c['min']:.0%}: {'met' if c['met'] else 'NOT met'} (reported, not gated).",
         ]
     if gate["failures"]:
@@ -546,6 +559,7 @@ def run_parity(
     language: str = "auto",
     max_new_tokens: int = 64,
     n_threads: int | None = None,
+    free_run: bool = True,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Compare every GGUF (``{type: path}``) with ``merged_dir``; write report.json/.md; gate ``gated``.
@@ -567,7 +581,7 @@ def run_parity(
     models, rows = {}, {}
     for kind, path in ggufs.items():
         models[kind], rows[kind] = compare_gguf(
-            path, refs, stop, max_new_tokens=max_new_tokens, n_ctx=n_ctx, n_threads=n_threads
+            path, refs, stop, max_new_tokens=max_new_tokens, n_ctx=n_ctx, n_threads=n_threads, free_run=free_run
         )
     failures = gate_failures(models[gated], threshold)
     report = {
@@ -578,9 +592,11 @@ def run_parity(
         "max_new_tokens": max_new_tokens,
         "language": language,
         "rel_error_definition": REL_ERROR,
+        "free_run": free_run,
         "models": models,
         **(extra or {}),
         "seconds": round(time.perf_counter() - t0, 2),
+        "reference": [{"id": r.id, "answer": r.answer, "gold": list(q.answer)} for r, q in zip(refs, records)],
         "rows": rows,
     }
     atomic_write_json(out_dir / "report.json", report)

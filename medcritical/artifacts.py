@@ -95,6 +95,8 @@ class JsonlLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             self._recover()
+        else:
+            self.path.touch()  # an empty log is a result too (nothing rejected, nothing to correct)
 
     def _recover(self) -> None:
         data = self.path.read_bytes()
@@ -206,15 +208,33 @@ def read_manifest(stage_dir: str | Path) -> dict | None:
     return read_json(p) if p.exists() else None
 
 
-def is_complete(stage_dir: str | Path, config: Any, inputs: dict[str, str]) -> bool:
-    """A stage may be skipped when its manifest is complete for these inputs."""
-    m = read_manifest(stage_dir)
-    return bool(
-        m
-        and m.get("status") == "complete"
-        and m.get("config_hash") == sha256_json(config)
-        and m.get("inputs_hash") == sha256_json(inputs)
-    )
+def model_fingerprint(name_or_path: str | Path) -> str:
+    """What identifies a base model in a step's key, cheaply.
+
+    A local directory: its file names and sizes, small files (config, tokenizer)
+    hashed whole and weight files by their first and last 4 MiB, so a 15 GB
+    base is identified in milliseconds and a changed file still changes the
+    key. Anything else (a hub name) is identified by its name.
+    """
+    path = Path(name_or_path)
+    if not path.exists():
+        return f"name:{name_or_path}"
+    if path.is_file():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for p in sorted(q for q in path.rglob("*") if q.is_file() and not q.name.startswith(".")):
+        if p.name == MANIFEST:
+            continue
+        size = p.stat().st_size
+        h.update(f"{p.relative_to(path)}:{size}:".encode())
+        with open(p, "rb") as f:
+            if size <= 64 << 20:
+                h.update(hashlib.sha256(f.read()).digest())
+            else:
+                h.update(f.read(4 << 20))
+                f.seek(-(4 << 20), os.SEEK_END)
+                h.update(f.read())
+    return h.hexdigest()
 
 
 def iter_batches(items: list, size: int) -> Iterable[list]:

@@ -1,27 +1,28 @@
-"""The ``medcritical`` command: one subcommand per stage.
+"""The ``medcritical`` command: one subcommand per stage, and every handler in this file.
 
 ``main(argv) -> int`` is what the console script and ``python -m medcritical``
 call, and what tests call in-process. A :class:`UserError` prints one line and
 exits 1; anything else is a bug and keeps its traceback.
+
+Stage commands (``teach``, ``sft``, ``rounds``, ``export``, ``eval``/``bundle``
+through ``run``) call the stage's ``run(recipe, run_dir, console)`` under the run
+directory's lock; ``chat``, ``serve`` and ``verify`` import llama-cpp-python only,
+so they work on an inference-only install (no torch).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-
-from rich.console import Console
+from typing import Any
 
 from .errors import UserError
+from .runtime import err_console, offline_quiet, out_console, print_error
 
 Handler = Callable[[argparse.Namespace], int]
-err_console = Console(stderr=True)
-out_console = Console()
 
 
 def _recipe(args: argparse.Namespace):
@@ -107,13 +108,17 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import load_recipe_data
-    from .evaluate import evaluate, print_summary
+    from .artifacts import model_fingerprint, sha256_file
+    from .data import load_recipe_data, records_hash
+    from .engines import is_gguf, open_engine
+    from .evaluate import eval_step, evaluate, print_summary
 
     recipe = _recipe(args)
     ev = recipe.eval
     if args.data:
         recipe.data.sources = [{"path": d, "format": args.format} for d in args.data]
+    if args.strict:
+        recipe.data.strict = True
     split = args.split or (ev.split if args.recipe else "all")
     limit = args.limit or ev.limit
     records = load_recipe_data(recipe.data, split=split, console=err_console)[:limit]
@@ -121,69 +126,147 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UserError(f"eval: no questions in split {split!r}")
     model = args.model or recipe.model.name_or_path
     mode = args.mode or ev.mode
-    from .engines import open_engine
+    if is_gguf(model) or Path(model).is_file():
+        from .gguf_file import check_gguf
 
-    with err_console.status(f"loading {model}..."):
-        engine = open_engine(
-            model,
-            adapter=args.adapter,
-            model_cfg=recipe.model,
-            load_in_4bit=args.load_in_4bit,
-            n_ctx=ev.n_ctx,
-            seed=recipe.seed,
-        )
+        check_gguf(model)  # a missing, truncated or foreign file: one line, before anything is written
     settings = {
-        "model": model,
-        "adapter": args.adapter,
-        "engine": engine.name,
+        "model": sha256_file(model) if is_gguf(model) else model_fingerprint(_resolved(model)),
+        "adapter": _adapter_hash(args.adapter),
         "load_in_4bit": args.load_in_4bit,
-        "split": split,
+        "questions": records_hash(records),
         "mode": mode,
         "max_new_tokens": args.max_new_tokens or ev.max_new_tokens,
         "temperature": ev.temperature if args.temperature is None else args.temperature,
         "top_p": ev.top_p if args.top_p is None else args.top_p,
         "batch_size": args.batch_size or ev.batch_size,
+        "n_ctx": ev.n_ctx,
         "language": recipe.language,
         "seed": recipe.seed,
     }
     out = Path(args.output) if args.output else Path(recipe.output_dir) / "eval" / f"{Path(model).stem}-{split}-{mode}"
-    summary = evaluate(
-        records,
-        engine,
-        out,
-        mode=mode,
-        max_new_tokens=settings["max_new_tokens"],
-        temperature=settings["temperature"],
-        top_p=settings["top_p"],
-        batch_size=settings["batch_size"],
-        language=recipe.language,
-        seed=recipe.seed,
-        config=settings,
-        console=err_console,
-    )
-    print_summary(summary, title=f"{model} ({engine.name}, {mode}) on {split}", console=out_console)
+    step = eval_step(out, settings, label=f"eval {out}")
+    if step.begin(err_console) == "complete":
+        from .artifacts import read_json
+
+        summary = read_json(out / "summary.json")
+    else:
+        with err_console.status(f"loading {model}..."):
+            engine = open_engine(
+                model, adapter=args.adapter, model_cfg=recipe.model, load_in_4bit=args.load_in_4bit, n_ctx=ev.n_ctx,
+                seed=recipe.seed,
+            )  # fmt: skip
+        try:
+            summary = evaluate(
+                records, engine, out, mode=mode, max_new_tokens=settings["max_new_tokens"],
+                temperature=settings["temperature"], top_p=settings["top_p"], batch_size=settings["batch_size"],
+                language=recipe.language, seed=recipe.seed, console=err_console,
+            )  # fmt: skip
+        finally:
+            engine.close()
+        step.done(summary, outputs=["predictions.jsonl"], model=str(model), adapter=args.adapter)
+    print_summary(summary, title=f"{model} ({summary['engine']}, {mode}) on {split}", console=out_console)
     out_console.print(f"per-question results: {out / 'predictions.jsonl'}", highlight=False)
     return 0
 
 
-# ---- training stages -----------------------------------------------------------
+def _resolved(model: str) -> str:
+    from .default_model import resolve_model
+
+    return resolve_model(model)
+
+
+def _adapter_hash(adapter: str | None) -> str | None:
+    from .artifacts import sha256_tree
+
+    if adapter is None:
+        return None
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise UserError(f"{adapter}: not a LoRA adapter directory (no adapter_config.json)")
+    return sha256_tree(adapter)
+
+
+# ---- stages -------------------------------------------------------------------------
+
+
+def _stage(name: str, args: argparse.Namespace, **kwargs: Any) -> dict[str, Any]:
+    """Run one stage on the recipe's run directory, holding its lock."""
+    from .layout import RunDir
+    from .pipeline import stage_function
+    from .steps import run_lock
+
+    recipe = _recipe(args)
+    run_dir = RunDir.of(recipe)
+    with run_lock(run_dir.root, f"medcritical {name} {args.recipe}"):
+        return stage_function(name)(recipe, run_dir, err_console, **kwargs)
+
+
+def cmd_teach(args: argparse.Namespace) -> int:
+    _stage("teach", args)
+    out_console.print(f"templates: {Path(_recipe(args).output_dir) / 'teach' / 'templates.jsonl'}", highlight=False)
+    return 0
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
-    from .sft import run_sft
-
-    run_sft(_recipe(args), console=err_console)
+    _stage("sft", args)
     return 0
 
 
 def cmd_rounds(args: argparse.Namespace) -> int:
-    from .rounds import run_round, run_rounds
+    from .layout import RunDir
+    from .rounds import round_start, run_round
+    from .steps import run_lock
 
-    recipe = _recipe(args)
     if args.round is None:
-        run_rounds(recipe, console=err_console)
-    else:
-        out_console.print(run_round(recipe, args.round, console=err_console, only=args.only))
+        if args.only:
+            raise UserError("rounds: --only needs --round N")
+        _stage("rounds", args)
+        return 0
+    recipe = _recipe(args)
+    run_dir = RunDir.of(recipe)
+    with run_lock(run_dir.root, f"medcritical rounds --round {args.round} {args.recipe}"):
+        start, start_hash = round_start(run_dir, args.round)
+        row = run_round(recipe, run_dir, args.round, start, start_hash, err_console, only=args.only)
+    out_console.print(row)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """The run's selected policy (recipe mode), or ``--base/--adapter/--out`` by hand."""
+    from transformers.utils import logging as hf_logging
+
+    from export.stage import run as export_run
+
+    from .layout import RunDir
+    from .recipe import load_recipe
+    from .steps import run_lock
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    recipe_path, overrides = args.recipe, list(args.overrides or [])
+    if recipe_path and "=" in recipe_path and not Path(recipe_path).is_file():
+        recipe_path, overrides = None, [recipe_path, *overrides]  # no recipe file: the first override took its slot
+    recipe = load_recipe(recipe_path, overrides)
+    if args.max_new_tokens:
+        recipe.eval.max_new_tokens = args.max_new_tokens
+    if args.name:
+        recipe.name = args.name
+    by_hand = args.base or args.adapter or args.no_adapter or args.out
+    if args.adapter and args.no_adapter:
+        raise UserError("export: --adapter and --no-adapter exclude each other")
+    if by_hand and not args.out:
+        raise UserError("export: --base/--adapter/--no-adapter need --out DIR (a run directory of their own)")
+    run_dir = RunDir(Path(args.out)) if args.out else RunDir.of(recipe)
+    explicit = None
+    if by_hand:
+        if not (args.adapter or args.no_adapter):
+            raise UserError("export: with --out, name the adapter (--adapter DIR) or say --no-adapter")
+        explicit = (args.base or recipe.model.name_or_path, Path(args.adapter) if args.adapter else None)
+    with run_lock(run_dir.root, "medcritical export"):
+        metrics = export_run(recipe, run_dir, err_console, explicit=explicit, free_run=bool(by_hand),
+                             n_threads=args.threads)  # fmt: skip
+    for q, g in metrics["ggufs"].items():
+        out_console.print(f"{q}: {run_dir.export / g['file']}", highlight=False)
     return 0
 
 
@@ -191,6 +274,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import run_pipeline
 
     return run_pipeline(args.recipe, args.overrides or [], start=args.start, only=args.only, console=err_console)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from export.bundle import verify
+
+    return verify(Path(args.bundle), out_console)
 
 
 # ---- parser -------------------------------------------------------------------
@@ -241,15 +330,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-p", type=float)
     s.add_argument("--batch-size", type=int)
     s.add_argument("--load-in-4bit", action="store_true", help="load a transformers model in 4-bit NF4")
+    s.add_argument("--strict", action="store_true", help="fail on the first bad data row instead of skipping it")
     s.set_defaults(func=cmd_eval)
 
     from .pipeline import STAGES
 
-    s = sub.add_parser("run", help="the whole pipeline: teach -> sft -> rounds -> export -> eval, then a report")
+    s = sub.add_parser("run", help="the whole pipeline: " + " -> ".join(STAGES) + ", then a report")
     _add_recipe(s)
-    s.add_argument("--from", dest="start", choices=STAGES, help="start at this stage (earlier ones must be done)")
-    s.add_argument("--only", choices=STAGES, help="run only this stage")
+    s.add_argument("--from", dest="start", choices=list(STAGES), help="start at this stage (earlier ones must be done)")
+    s.add_argument("--only", choices=list(STAGES), help="run only this stage")
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("teach", help="write verified chain-of-thought templates for the train questions")
+    _add_recipe(s)
+    s.set_defaults(func=cmd_teach)
 
     s = sub.add_parser("sft", help="QLoRA SFT of the student on the teacher templates (after teach)")
     _add_recipe(s)
@@ -257,36 +351,143 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("rounds", help="iterative self-correction DPO rounds (after sft)")
     _add_recipe(s)
-    s.add_argument("--round", type=int, help="run only this round (1-based)")
+    s.add_argument("--round", type=int, help="run only this round (1-based; the rounds before it must be done)")
     s.add_argument(
         "--only", choices=["rollouts", "corrections", "pairs", "dpo", "eval"], help="with --round: run one part"
     )
     s.set_defaults(func=cmd_rounds)
 
-    from export.cli import register as register_export
+    p_ = sub.add_parser("export", help="the selected policy as GGUFs (merge, convert, quantize, stamp, parity)")
+    p_.add_argument("recipe", nargs="?", help="recipe YAML; its run's selected policy is exported")
+    p_.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override recipe keys")
+    p_.add_argument("--base", help="base model directory or 'default' (default: the recipe's model)")
+    p_.add_argument("--adapter", help="export this LoRA adapter instead of the run's policy (needs --out)")
+    p_.add_argument("--no-adapter", action="store_true", help="export the base model as it is (needs --out)")
+    p_.add_argument("--out", help="with --adapter/--no-adapter: a run directory of its own (GGUFs in OUT/export)")
+    p_.add_argument("--name", help="GGUF file name prefix (default: the recipe's name)")
+    p_.add_argument("--max-new-tokens", type=int, help="greedy tokens per parity question (default: eval's)")
+    p_.add_argument("--threads", type=int, help="llama.cpp threads for the parity check (default: all cores)")
+    p_.set_defaults(func=cmd_export)
 
-    from .teach import register as register_teach
+    s = sub.add_parser("verify", help="check a bundle: checksums, and each GGUF gives its recorded answer")
+    s.add_argument("bundle", help="a bundle directory (<run>/bundle)")
+    s.set_defaults(func=cmd_verify)
 
-    register_teach(sub)
-    register_export(sub)
+    _register_chat_serve(sub)
     return p
 
 
-def offline_quiet() -> None:
-    """Offline by default (no hub lookups; a recipe naming a remote teacher is the
-    only network use) and no third-party progress bars over our own."""
-    for key, value in {
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
-        "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # also transformers' "Loading weights" bars
-        "TOKENIZERS_PARALLELISM": "false",
-        "TRANSFORMERS_VERBOSITY": "error",
-    }.items():
-        os.environ.setdefault(key, value)
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+# ---- chat and serve (inference only) -------------------------------------------------------
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from export.chat import chat, system_setting
+
+    return chat(
+        args.model,
+        system=system_setting(args.system),
+        n_ctx=args.n_ctx,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from export.chat import system_setting
+    from export.serve import check_bind, check_cors_origin, resolve_api_key, serve
+
+    # Everything that needs no model is checked before the model loads.
+    api_key = resolve_api_key(args.api_key, args.api_key_file)
+    check_bind(args.host, api_key, args.insecure)
+    origins = [check_cors_origin(o) for o in args.cors_origin or []]
+    if args.max_tokens_limit is not None and args.max_tokens_limit < 1:
+        raise UserError(f"serve: --max-tokens-limit must be at least 1, got {args.max_tokens_limit}")
+    if args.max_request_bytes < 1024:
+        raise UserError(f"serve: --max-request-bytes must be at least 1024, got {args.max_request_bytes}")
+    return serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        api_key=api_key,
+        insecure=args.insecure,
+        n_ctx=args.n_ctx,
+        n_threads=args.threads,
+        alias=args.alias,
+        cors_origins=origins,
+        max_tokens_limit=args.max_tokens_limit,
+        max_request_bytes=args.max_request_bytes,
+        system=system_setting(args.system),
+    )
+
+
+def _register_chat_serve(sub: argparse._SubParsersAction) -> None:
+    """``chat`` and ``serve``: llama-cpp-python only, so they run on an inference-only install."""
+    from export.serve import API_KEY_ENV, MAX_REQUEST_BYTES
+
+    system_help = (
+        "system prompt: 'auto' (default) = the one the student was trained and evaluated with, in the language "
+        "of the first user message; 'zh' or 'en' = that one in that language; 'none' = no system prompt; "
+        "anything else = the system prompt itself"
+    )
+    s = sub.add_parser("chat", help="chat with a GGUF in the terminal (llama.cpp, offline)")
+    s.add_argument("model", help="a .gguf file")
+    s.add_argument("--system", default="auto", help=system_help)
+    s.add_argument("--max-tokens", type=int, default=1024, help="reply length limit (default 1024)")
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, as in eval (default)")
+    s.add_argument("--n-ctx", type=int, default=4096, help="context size in tokens (default 4096)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible server for a GGUF (llama-cpp-python's server, hardened)",
+        description="Serve a GGUF over an OpenAI-compatible API (/v1/chat/completions, /v1/completions, "
+        "/v1/models). Listens on 127.0.0.1 by default; another address needs an API key (or --insecure). "
+        "No cross-origin (browser) access unless --cors-origin names the origin.",
+    )
+    s.add_argument("model", help="a .gguf file")
+    s.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument(
+        "--api-key-file",
+        metavar="PATH",
+        help="require the bearer token in this file (one line; chmod 600). Safer than --api-key",
+    )
+    s.add_argument(
+        "--api-key",
+        help=f"require this bearer token (default: ${API_KEY_ENV}, else none); visible in the process list "
+        "and shell history: prefer --api-key-file",
+    )
+    s.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow listening on a non-loopback address without an API key (trusted networks only)",
+    )
+    s.add_argument(
+        "--cors-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="allow browser pages from this origin (scheme://host[:port]; repeatable). Default: none",
+    )
+    s.add_argument(
+        "--max-tokens-limit",
+        type=int,
+        help="largest max_tokens a request may ask for; also the default (default: --n-ctx)",
+    )
+    s.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=MAX_REQUEST_BYTES,
+        help=f"largest request body accepted (default {MAX_REQUEST_BYTES})",
+    )
+    s.add_argument("--system", default="auto", help=system_help + " (used when a request has no system message)")
+    s.add_argument("--n-ctx", type=int, default=4096, help="context size in tokens (default 4096)")
+    s.add_argument(
+        "--threads", type=int, help="llama.cpp threads (default: $MEDCRITICAL_LLAMA_THREADS, else all cores)"
+    )
+    s.add_argument("--alias", help="model name in the API (default: the file name without .gguf)")
+    s.set_defaults(func=cmd_serve)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -302,7 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
-        err_console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        print_error(e)
         return 1
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted; run the same command again to resume")

@@ -488,3 +488,11 @@ def load_recipe_data(cfg: Any, split: str = "all", console: Any = None) -> list[
     if split == "all":
         return records
     return split_records(records, split, seed=cfg.split_seed, dev=cfg.dev, test=cfg.test)
+
+
+def eval_records(recipe: Any, console: Any = None) -> list[MCQ]:
+    """The questions a recipe evaluates on: its ``eval.split``, at most ``eval.limit`` of them."""
+    records = load_recipe_data(recipe.data, split=recipe.eval.split, console=console)[: recipe.eval.limit]
+    if not records:
+        raise UserError(f"eval: no questions in the {recipe.eval.split} split (check data.dev and the sources)")
+    return records

@@ -24,13 +24,16 @@ def run_dpo(
     recipe: Recipe,
     pairs_path: Path,
     start_adapter: Path,
-    round_dir: Path,
+    out_dir: Path,
     console: Console,
     callbacks: list | None = None,
+    label: str = "dpo",
 ) -> dict[str, Any]:
-    """Train ``round_dir/adapter`` from ``start_adapter`` on the pairs; returns metrics.
+    """Train ``out_dir/adapter`` from ``start_adapter`` on the pairs (checkpoints in
+    ``out_dir/checkpoints``, logs in ``out_dir/metrics.jsonl``); returns metrics.
 
-    ``callbacks``: extra ``TrainerCallback``s.
+    ``callbacks``: extra ``TrainerCallback``s. Whether to run at all is the
+    caller's step's call (:mod:`medcritical.rounds`).
     """
     pairs = read_jsonl(pairs_path)
     if not pairs:
@@ -44,7 +47,7 @@ def run_dpo(
     cfg = recipe.rounds.dpo
     loaded = load_model(recipe.model, adapter=start_adapter, trainable=True)
     args = DPOConfig(
-        **trainer_args(cfg.train, round_dir / "checkpoints", recipe.seed, torch_dtype(recipe.model.dtype)),
+        **trainer_args(cfg.train, out_dir / "checkpoints", recipe.seed, torch_dtype(recipe.model.dtype)),
         beta=cfg.beta,
         loss_type=cfg.loss_type,
         precompute_ref_log_probs=cfg.precompute_ref_log_probs,
@@ -56,9 +59,9 @@ def run_dpo(
         args=args,
         train_dataset=data,
         processing_class=loaded.tokenizer,
-        callbacks=[progress_callback(console, f"dpo {round_dir.name}"), *(callbacks or [])],
+        callbacks=[progress_callback(console, label), *(callbacks or [])],
     )
-    metrics = train_and_save(trainer, round_dir, round_dir / "adapter", loaded.tokenizer)
+    metrics = train_and_save(trainer, out_dir, out_dir / "adapter", loaded.tokenizer)
     logs = [h for h in trainer.state.log_history if "rewards/margins" in h]
     if logs:
         metrics["reward_margin_first"] = logs[0]["rewards/margins"]

@@ -182,8 +182,8 @@ class LlamaCppEngine:
     One sequence at a time. The ``n`` samples of a prompt reuse its evaluated
     tokens: ``create_completion`` keeps the longest common prefix of its KV
     cache and the new prompt, so after the first sample only the prompt's last
-    token is evaluated again (the shared system prompt of the next question is
-    reused the same way). Sampling is temperature + top-p as in transformers
+    token is evaluated again. Each prompt starts from an empty cache, so its
+    samples depend only on the prompt and the seed. Sampling is temperature + top-p as in transformers
     (top-k and min-p off); llama.cpp applies top-p before the temperature,
     transformers after it.
     """
@@ -191,22 +191,15 @@ class LlamaCppEngine:
     name = "llamacpp"
 
     def __init__(self, gguf: str | Path, n_ctx: int = 4096, n_threads: int | None = None, seed: int = 0) -> None:
-        from llama_cpp import Llama
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+        from .gguf_file import open_llama
+
         gguf = Path(gguf)
-        if not gguf.is_file():
-            raise UserError(f"{gguf}: no such GGUF file")
         self.gguf = gguf
         threads = n_threads or llama_threads()
-        self.llm = Llama(
-            model_path=str(gguf),
-            n_ctx=n_ctx,
-            n_threads=threads,
-            n_threads_batch=threads,
-            seed=seed,
-            verbose=False,
-        )
+        # Checks the file first: a missing, truncated or foreign file, or a model llama.cpp cannot run, is a UserError.
+        self.llm = open_llama(gguf, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, seed=seed, verbose=False)
         meta = self.llm.metadata
         template = meta.get("tokenizer.chat_template")
         if not template:
@@ -228,28 +221,48 @@ class LlamaCppEngine:
         # The chat template already holds every special token it needs.
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
+    def complete(self, prompt: str, *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0, n: int = 1) -> list[str]:  # fmt: skip
+        """``n`` completions of an already rendered ``prompt`` (greedy: one, repeated).
+
+        The KV cache is cleared first, so a prompt's samples never depend on what
+        was generated before it: a resumed step regenerates exactly what an
+        uninterrupted one did. Its ``n`` samples still share the evaluated prompt.
+        """
+        tokens = self.tokenize(prompt)
+        max_tokens = max(1, min(max_new_tokens, self.llm.n_ctx() - len(tokens)))
+        self.llm.reset()
+        outs = []
+        # Greedy decoding gives one answer however often it is asked: generate it once.
+        for j in range(n if temperature > 0 else 1):
+            res = self.llm.create_completion(
+                tokens,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=0,
+                min_p=0.0,
+                seed=sample_seed(seed, 0, j),
+                stop=[self.eos] if self.eos else None,
+            )
+            outs.append(res["choices"][0]["text"].strip())
+        return outs if len(outs) == n else outs * n
+
     def generate(
         self, prompts, *, max_new_tokens, temperature=0.0, top_p=1.0, n=1, seed=0, on_done=None, batch_size: int = 1
     ):
         out = []
         for i, msgs in enumerate(prompts):
-            tokens = self.tokenize(self.render(msgs))
-            max_tokens = max(1, min(max_new_tokens, self.llm.n_ctx() - len(tokens)))
-            outs = []
-            # Greedy decoding gives one answer however often it is asked: generate it once.
-            for j in range(n if temperature > 0 else 1):
-                res = self.llm.create_completion(
-                    tokens,
-                    max_tokens=max_tokens,
+            out.append(
+                self.complete(
+                    self.render(msgs),
+                    max_new_tokens=max_new_tokens,
                     temperature=temperature,
                     top_p=top_p,
-                    top_k=0,
-                    min_p=0.0,
-                    seed=sample_seed(seed, i, j),
-                    stop=[self.eos] if self.eos else None,
-                )
-                outs.append(res["choices"][0]["text"].strip())
-            out.append(outs if len(outs) == n else outs * n)
+                    seed=sample_seed(seed, i, 0),
+                    n=n,
+                )  # fmt: skip
+            )
             if on_done:
                 on_done(1)
         return out

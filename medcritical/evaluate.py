@@ -1,13 +1,20 @@
-"""Evaluation: accuracy of a model on multiple-choice questions.
+"""Evaluation: accuracy of a model on multiple-choice questions, and the ``eval`` stage.
 
-Writes ``predictions.jsonl`` (one row per question: prompt, raw output, parsed
-answer, correct) appended as it goes, so an interrupted evaluation resumes
-where it stopped, then ``summary.json`` and ``manifest.json``.
+:func:`evaluate` writes ``predictions.jsonl`` (one row per question: prompt, raw
+output, parsed answer, correct) as it goes, so an interrupted evaluation resumes
+where it stopped, then ``summary.json``. Every evaluation is a step
+(:mod:`medcritical.steps`) keyed by the questions, the generation settings and
+the model (base fingerprint, adapter hash or GGUF hash, engine): a changed
+data split, adapter or setting evaluates afresh, never mixes rows.
+
+:func:`eval_policy` evaluates a policy (base + adapter, or an exported GGUF) as
+the rounds and the stage do; :func:`run` is the ``eval`` stage: the untrained
+base and every exported quant on the dev split, with each quant's free-running
+answers compared with the merged model's (from the export's parity report).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -17,12 +24,14 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .artifacts import JsonlLog, atomic_write_json, iter_batches, read_json, write_manifest
-from .data import MCQ, records_hash
+from .artifacts import JsonlLog, atomic_write_json, model_fingerprint, read_json
+from .data import MCQ, eval_records, records_hash
 from .engines import Engine
 from .errors import UserError
 from .grading import extract_answer, grade
 from .prompts import HEADINGS, choose_lang, question_messages
+from .runtime import Ticker
+from .steps import Step, derive_seed, pending_chunks
 
 
 def summarize(rows: Sequence[dict]) -> dict[str, Any]:
@@ -60,14 +69,6 @@ def pick_from_logprobs(scores: dict[str, float], multi: bool) -> set[str]:
     return chosen if len(chosen) >= 2 else set(best[:2])
 
 
-def _claim(out_dir: Path, config: dict) -> None:
-    """Resume only the same evaluation: settings differ -> refuse, not mix rows."""
-    path = out_dir / "settings.json"
-    if path.exists() and read_json(path) != json.loads(json.dumps(config, default=str)):
-        raise UserError(f"{out_dir}: holds an evaluation with other settings; choose another --output or delete it")
-    atomic_write_json(path, config)
-
-
 def _progress(console: Console) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
@@ -93,31 +94,37 @@ def evaluate(
     batch_size: int = 8,
     language: str = "auto",
     seed: int = 0,
-    config: dict | None = None,
     console: Console | None = None,
     label: str = "eval",
 ) -> dict[str, Any]:
-    """Evaluate ``engine`` on ``records``; returns the summary (also written)."""
+    """Evaluate ``engine`` on ``records`` into ``out_dir``; returns the summary (also written).
+
+    Whether the rows already in ``out_dir`` belong to this evaluation is the
+    caller's step's business (:func:`eval_step`); this only resumes them.
+    """
     console = console or Console(stderr=True)
     out_dir = Path(out_dir)
-    _claim(out_dir, config or {})
     log = JsonlLog(out_dir / "predictions.jsonl")
-    wanted = {r.id for r in records}
-    pending = [r for r in records if r.id not in log]
     if log.torn:
         console.print(f"[yellow]{log.path}: dropped a torn last line from an interrupted run")
+    ids = [r.id for r in records]
+    chunks = list(pending_chunks(ids, batch_size, set(log.rows)))
     t0 = time.perf_counter()
-    done_rows = [row for row in log.values() if row["id"] in wanted]
+    new = 0
+    tick = Ticker(console, label)
     with _progress(console) as prog:
-        task = prog.add_task(label, total=len(records), completed=len(done_rows), stats="")
+        task = prog.add_task(label, total=len(records), completed=0, stats="")
 
-        def update(rows: list[dict]) -> None:
+        def update() -> None:
+            rows = [log.rows[i] for i in ids if i in log]
             s = summarize(rows)
             stats = f"acc {s['accuracy']:.1%}  parsed {s['parse_rate']:.0%}" if rows else ""
             prog.update(task, completed=len(rows), stats=stats)
+            tick(len(rows), len(records), stats)
 
-        update(done_rows)
-        for chunk in iter_batches(pending, max(batch_size, 1)):
+        update()
+        for c, positions in chunks:
+            chunk = [records[i] for i in positions]
             langs = [choose_lang(r.question, language) for r in chunk]
             msgs = [question_messages(r.question, r.options, r.multi, lg) for r, lg in zip(chunk, langs)]
             if mode == "loglik":
@@ -135,34 +142,44 @@ def evaluate(
                         max_new_tokens=max_new_tokens,
                         temperature=temperature,
                         top_p=top_p,
-                        seed=seed,
+                        seed=derive_seed(seed, "eval", c),
                         batch_size=batch_size,
                     )
                 ]
             for r, m, out in zip(chunk, msgs, outputs):
+                if r.id in log:
+                    continue
                 parsed = extract_answer(out, r.options.keys())
-                row = {
-                    "id": r.id,
-                    "multi": r.multi,
-                    "prompt": engine.render(m),
-                    "output": out,
-                    "parsed": sorted(parsed) if parsed is not None else None,
-                    "gold": list(r.answer),
-                    "correct": grade(parsed, r.answer),
-                }
-                log.append(row)
-                done_rows.append(row)
-            update(done_rows)
+                log.append(
+                    {
+                        "id": r.id,
+                        "multi": r.multi,
+                        "prompt": engine.render(m),
+                        "output": out,
+                        "parsed": sorted(parsed) if parsed is not None else None,
+                        "gold": list(r.answer),
+                        "correct": grade(parsed, r.answer),
+                    }
+                )
+                new += 1
+            update()
     rows = [log.rows[r.id] for r in records]
+    seconds = time.perf_counter() - t0
     summary = summarize(rows) | {
         "mode": mode,
         "engine": engine.name,
-        "seconds": round(time.perf_counter() - t0, 2),
-        "questions_per_second": round(len(pending) / max(time.perf_counter() - t0, 1e-9), 3),
+        "seconds": round(seconds, 2),
+        "questions_per_second": round(new / max(seconds, 1e-9), 3),
     }
     atomic_write_json(out_dir / "summary.json", summary)
-    write_manifest(out_dir, "eval", config or {}, {"questions": records_hash(records)}, metrics=summary)
     return summary
+
+
+def eval_step(
+    out_dir: Path, material: dict[str, Any], stale_root: Path | None = None, label: str | None = None
+) -> Step:
+    """The step of an evaluation into ``out_dir`` keyed by ``material`` (questions, settings, model)."""
+    return Step("eval", out_dir, material, stale_root=stale_root, label=label)
 
 
 def print_summary(summary: dict[str, Any], title: str, console: Console) -> None:
@@ -183,3 +200,133 @@ def print_summary(summary: dict[str, Any], title: str, console: Console) -> None
         str(summary.get("questions_per_second", "-")),
     )
     console.print(t)
+
+
+# ---- policies and the eval stage ------------------------------------------------------------------
+
+
+def policy_material(
+    recipe: Any, records: Sequence[MCQ], *, adapter_hash: str | None = None, gguf_hash: str | None = None
+) -> dict[str, Any]:
+    """The key of a policy's evaluation: questions, generation settings, and what generates."""
+    from .default_model import resolve_model
+    from .policy import engine_settings
+
+    m: dict[str, Any] = {
+        "questions": records_hash(records),
+        "eval": recipe.eval.model_dump(),
+        "language": recipe.language,
+        "seed": recipe.seed,
+    }
+    if gguf_hash is not None:
+        return m | {"gguf": gguf_hash, "engine": "llamacpp", "n_ctx": recipe.eval.n_ctx}
+    base = model_fingerprint(resolve_model(recipe.model.name_or_path))
+    return m | {"base": base, "adapter": adapter_hash} | engine_settings(recipe)
+
+
+def eval_policy(
+    recipe: Any,
+    adapter: Path | None,
+    out: Path,
+    console: Console,
+    *,
+    adapter_hash: str | None = None,
+    gguf: Path | None = None,
+    gguf_hash: str | None = None,
+    stale_root: Path | None = None,
+    label: str | None = None,
+) -> dict[str, Any]:
+    """``recipe.eval``'s accuracy of base + ``adapter`` (None: the untrained base) on its engine
+    (:mod:`medcritical.policy`), or of ``gguf`` on llama.cpp; a step in ``out``.
+
+    Returns ``summary.json``'s content (accuracy, parse_rate, engine, ...).
+    """
+    from .artifacts import sha256_file, sha256_tree
+    from .policy import open_policy
+
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise UserError(f"{adapter}: not a LoRA adapter directory (no adapter_config.json)")
+    records = eval_records(recipe)
+    if gguf is not None:
+        material = policy_material(recipe, records, gguf_hash=gguf_hash or sha256_file(gguf))
+    else:
+        adapter_hash = adapter_hash or (sha256_tree(adapter) if adapter is not None else None)
+        material = policy_material(recipe, records, adapter_hash=adapter_hash)
+    name = label or (gguf.name if gguf is not None else "base" if adapter is None else str(adapter))
+    step = eval_step(out, material, stale_root, label=f"eval {name}")
+    if step.begin(console) == "complete":
+        return read_json(out / "summary.json")
+    engine = open_policy(recipe, adapter, console, gguf=gguf, adapter_hash=adapter_hash)
+    ev = recipe.eval
+    try:
+        res = evaluate(
+            records, engine, out, mode=ev.mode, max_new_tokens=ev.max_new_tokens, temperature=ev.temperature,
+            top_p=ev.top_p, batch_size=ev.batch_size, language=recipe.language, seed=recipe.seed,
+            console=console, label=f"eval {name}",
+        )  # fmt: skip
+        used = getattr(engine, "gguf", None)
+    finally:
+        engine.close()
+    step.done(res, outputs=["predictions.jsonl"], gguf=str(used) if used else None)
+    return res
+
+
+def agreement(predictions: Path, reference: dict[str, list[str] | None]) -> dict[str, Any]:
+    """Free-running answers of an exported quant against the merged model's (``reference``: id -> answer),
+    on the questions both answered greedily (the export's parity questions).
+
+    Only questions where both gave an answer count towards ``answer_agreement``
+    (two unparsable replies are not agreement); parse rates and accuracies on
+    the same questions are reported apart.
+    """
+    rows = [r for r in JsonlLog(predictions).values() if r["id"] in reference]
+    both = [r for r in rows if r["parsed"] is not None and reference[r["id"]] is not None]
+    same = sum(r["parsed"] == reference[r["id"]] for r in both)
+    n = len(rows)
+
+    def share(k: int) -> float | None:
+        return round(k / n, 4) if n else None
+
+    return {
+        "compared": n,
+        "answered_both": len(both),
+        "answer_agreement": round(same / len(both), 4) if both else None,
+        "compared_accuracy": share(sum(r["correct"] for r in rows)),
+        "compared_parse_rate": share(sum(r["parsed"] is not None for r in rows)),
+        "merged_accuracy": share(sum(reference[r["id"]] == sorted(r["gold"]) for r in rows)),
+        "merged_parse_rate": share(sum(reference[r["id"]] is not None for r in rows)),
+    }
+
+
+def run(recipe: Any, run_dir: Any, console: Console) -> dict[str, Any]:
+    """The ``eval`` stage: the untrained base and every exported quant on the dev split.
+
+    Writes ``<run>/eval/summary.json``: ``base`` and ``quants`` (each quant's
+    accuracy and parse rate on the split, and on the export's parity questions its
+    accuracy and agreement beside the merged model's, see :func:`agreement`).
+    """
+    from .steps import Step
+
+    base = eval_policy(recipe, None, run_dir.base_eval, console, stale_root=run_dir.stale, label="base")
+    export = Step("export", run_dir.export, {})
+    m = export.manifest() or {}
+    if m.get("status") != "complete":
+        raise UserError(f"{run_dir.export}: no complete export; run the export stage first")
+    ggufs = m["metrics"]["ggufs"]  # quant -> {file, sha256, ...}
+    report = read_json(run_dir.export / "report.json")
+    reference = {r["id"]: r["answer"] for r in report["reference"]}
+    quants = {}
+    for q in recipe.export.quants:  # the 16-bit file is gated on logits in the export; quants ship
+        if q not in ggufs:
+            raise UserError(f"{run_dir.export}: has no {q} GGUF (made for other settings); run the export stage")
+        info = ggufs[q]
+        res = eval_policy(
+            recipe, None, run_dir.quant_eval(q), console, gguf=run_dir.export / info["file"],
+            gguf_hash=info["sha256"], stale_root=run_dir.stale, label=q,
+        )  # fmt: skip
+        quants[q] = (
+            res | {"file": info["file"], "quant": q} | agreement(run_dir.quant_eval(q) / "predictions.jsonl", reference)
+        )
+    summary = {"split": recipe.eval.split, "base": base, "quants": quants, "parity_questions": len(reference)}
+    atomic_write_json(run_dir.eval / "summary.json", summary)
+    return summary

@@ -206,7 +206,10 @@ def random_lora(base: str | Path, out: Path, cfg: LoraCfg, seed: int = 0, scale:
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    from .training import canonical_adapter_config
+
     peft_model.save_pretrained(out)
+    canonical_adapter_config(Path(out) / "adapter_config.json")
     AutoTokenizer.from_pretrained(base).save_pretrained(out)
     return out
 

@@ -86,23 +86,118 @@ def render_template(plan: str, steps: str, letters: Iterable[str], lang: Lang) -
     return f"{plan_h}\n{plan.strip()}\n\n{steps_h}\n{steps.strip()}\n\n{answer_line(letters, lang)}"
 
 
-def split_template(text: str, lang: Lang) -> tuple[str, str] | None:
-    """Inverse of :func:`render_template` for a teacher's reply: (plan, steps).
+# Section headings as teachers really write them: any markdown heading level, a bold label, or a
+# "Label:" line, in Chinese or English, with the usual synonyms. Parsed by structure, line by line.
+_PLAN_LABELS = (
+    "思路|解题思路|总体思路|整体思路|分析思路|解题计划|计划|规划|高层计划|概要|解题方法|方法|知识点"
+    "|plan|high-level plan|overall plan|approach|strategy|overview|outline|key points|knowledge points"
+)
+_REASONING_LABELS = (
+    "推理|推理过程|详细推理|详细步骤|解题步骤|步骤|逐步分析|逐项分析|选项分析|详细分析|分析|解析"
+    "|reasoning|detailed reasoning|step-by-step reasoning|step-by-step analysis|step by step|step-by-step"
+    "|steps|analysis|detailed analysis|option analysis|options analysis|solution|detailed steps"
+)
+_ANSWER_LABELS = "答案|最终答案|结论|answer|final answer|conclusion"
+# One line: optional markdown heading marks, optional bold, an optional number ("1.", "一、"), the
+# label, optional closing bold, an optional colon, then the rest of the line. Every repetition is
+# bounded, so a line is matched in time linear in its length.
+_HEADING = re.compile(
+    r"^[ \t]{0,3}(?P<hash>#{1,6}[ \t]{0,4})?(?P<bold>\*\*|__)?[ \t]{0,2}(?:(?:\d{1,2}|[一二三四五])[.)、．][ \t]{0,2})?"
+    rf"(?P<label>{_PLAN_LABELS}|{_REASONING_LABELS}|{_ANSWER_LABELS})"
+    r"[ \t]{0,2}(?P<close>\*\*|__)?[ \t]{0,2}(?P<colon>[:：])?[ \t]{0,2}(?:\*\*|__)?(?P<rest>[^\n]*)$",
+    re.IGNORECASE,
+)
+_KINDS = (
+    ("plan", re.compile(rf"(?:{_PLAN_LABELS})", re.I)),
+    ("reasoning", re.compile(rf"(?:{_REASONING_LABELS})", re.I)),
+    ("answer", re.compile(rf"(?:{_ANSWER_LABELS})", re.I)),
+)
+# A final answer statement ("故选C。", "The answer is C.", "Therefore, the correct answer is B"), cut from the
+# steps because the target's own answer line replaces it.
+_ANSWER_TAIL = re.compile(
+    r"^[\W_]{0,6}(?:(?:故|所以|因此|综上所述?|最终|本题)[，, ]{0,2}(?:应)?(?:答案|选|正确答案)|答案|正确答案"
+    r"|(?i:(?:so|thus|therefore|hence)?[, ]{0,2}(?:the )?(?:final |correct |best )?(?:answer|option|choice)\b))"
+)
 
-    The final answer line is cut from the steps; it is re-rendered from the
+
+def _heading(line: str) -> tuple[str, str] | None:
+    """(kind, rest of the line) when ``line`` is a section heading, else None.
+
+    A line counts as a heading when it is a markdown heading, a bold label, or
+    ``Label:``; a sentence that merely starts with a label word ("Analysis shows
+    that ...") does not.
+    """
+    if len(line) > 200:
+        return None
+    m = _HEADING.match(line)
+    if not m or not (m["hash"] or (m["bold"] and m["close"]) or m["colon"]):
+        return None
+    if m["rest"].strip() and not (m["colon"] or m["hash"]):
+        return None
+    label = m["label"]
+    kind = next(k for k, pat in _KINDS if pat.fullmatch(label))
+    return kind, m["rest"].strip()
+
+
+def split_template(text: str, lang: Lang | None = None) -> tuple[str, str] | None:
+    """A reply in the template layout -> (plan, steps), or None when it has no such layout.
+
+    Inverse of :func:`render_template`, tolerant of how teachers and students
+    really write: any heading level (``## 思路``), bold labels (``**Plan**``,
+    ``**Step-by-step analysis:**``), ``Label:`` lines, Chinese or English
+    synonyms, in either language whatever ``lang`` is (kept for callers; the
+    layout is found by structure). The *last* plan heading followed by a
+    reasoning heading wins: a correction that quotes the wrong trajectory first
+    and then answers again keeps only its new template. The steps end at an
+    answer heading or at the final answer line, which is re-rendered from the
     parsed answer so every target ends the same way.
     """
-    plan_h, steps_h, _ = HEADINGS[lang]
-    alt = HEADINGS["en" if lang == "zh" else "zh"]
-    for p_h, s_h in ((plan_h, steps_h), alt[:2]):
-        i, j = text.find(p_h), text.find(s_h)
-        if 0 <= i < j:
-            plan = text[i + len(p_h) : j].strip()
-            steps = text[j + len(s_h) :].strip()
-            steps = re.sub(r"\n[^\n]*(答案|[Aa]nswer)[^\n]*\s*$", "", "\n" + steps).strip()
-            if plan and steps:
-                return plan, steps
+    lines = text.splitlines()
+    heads = [(i, h) for i, line in enumerate(lines) if (h := _heading(line)) is not None]
+    for b in range(len(heads) - 1, 0, -1):
+        j, (kind, rest_j) = heads[b]
+        if kind != "reasoning" or heads[b - 1][1][0] != "plan":
+            continue
+        a = b - 1
+        while a > 0 and heads[a - 1][1][0] == "plan":  # "### Plan" then "Approach:" inside it: one section
+            a -= 1
+        i, (_, rest) = heads[a]
+        end = next((k for k, h in heads[b + 1 :] if h[0] in ("answer", "plan")), len(lines))
+        plan = "\n".join([rest, *lines[i + 1 : j]]).strip()
+        body = [rest_j, *lines[j + 1 : end]]
+        while body and not body[-1].strip():
+            body.pop()
+        if len([x for x in body if x.strip()]) > 1 and _ANSWER_TAIL.match(body[-1]) and len(body[-1]) < 120:
+            body.pop()  # the final answer line: re-rendered from the parsed answer
+        steps = "\n".join(body).strip()
+        if plan and steps:
+            return plan, steps
     return None
+
+
+def split_reasoning(text: str, reasoning: str = "") -> tuple[str, str]:
+    """A reasoning model's reply -> (its chain of thought, what it wrote after it).
+
+    The chain is the ``<think>...</think>`` block, or everything before
+    ``</think>`` (QwQ's chat template opens ``<think>`` inside the prompt, so its
+    replies often carry only the closing tag), or the API's separate reasoning
+    field (``reasoning``, vLLM's ``reasoning_content``). A ``<think>`` that never
+    closes means the reply was cut off while thinking: it has no answer part.
+    """
+    if "</think>" in text:
+        head, tail = text.rsplit("</think>", 1)
+        head = head.split("<think>", 1)[1] if "<think>" in head else head
+        return (reasoning + "\n" + head).strip() if reasoning else head.strip(), tail.strip()
+    if "<think>" in text:
+        before, thought = text.split("<think>", 1)
+        return (reasoning + "\n" + thought).strip() if reasoning else thought.strip(), before.strip()
+    return reasoning.strip(), text.strip()
+
+
+def with_reasoning(reasoning: str, template: str) -> str:
+    """The SFT target with the teacher's long chain of thought kept (``teach.reasoning: keep``):
+    the chain in a ``<think>`` block, then the template."""
+    return f"<think>\n{reasoning.strip()}\n</think>\n\n{template}" if reasoning.strip() else template
 
 
 def teacher_messages(

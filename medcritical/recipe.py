@@ -59,7 +59,10 @@ class TeachCfg(Section):
     timeout: float = Field(600, gt=0)
     retries: int = Field(4, ge=0)
     limit: int | None = Field(None, gt=0)
-    cache_dir: str | None = None  # teacher-call cache shared across runs (default: <output_dir>/teach/cache)
+    cache_dir: str | None = None  # teacher-call cache shared across runs (default: <output_dir>/cache/teach)
+    # keep: the SFT target starts with the teacher's chain of thought (its <think> block or the API's
+    # reasoning field) in a <think> block, before the plan and reasoning sections; drop: only the sections.
+    reasoning: Literal["drop", "keep"] = "drop"
 
     @model_validator(mode="after")
     def _needs(self) -> TeachCfg:
@@ -104,14 +107,43 @@ class SftCfg(Section):
     max_length: int = Field(2048, gt=0)
 
 
+class ServerCfg(Section):
+    """Settings of the served engines (``rounds.rollouts.engine``: vllm, llamacpp-server, openai)."""
+
+    concurrency: int = Field(16, gt=0)  # requests in flight
+    # vllm: serve the base with the round's adapter through vLLM's LoRA support (the usual GPU path), or the
+    # merged policy (false; the fast path on CPU, at the cost of a merge per policy).
+    lora: bool = True
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    max_model_len: int | None = Field(None, gt=0)
+    tensor_parallel_size: int = Field(1, gt=0)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    extra_args: list[str] = Field(default_factory=list)  # passed to `vllm serve` as they are
+    parallel: int = Field(1, gt=0)  # llamacpp-server: server processes (it decodes one request at a time)
+    # openai: a server you run (vLLM, SGLang, llama.cpp; one machine or a cluster). The round's adapter is
+    # loaded into it through vLLM's runtime LoRA endpoint; a server that cannot is refused, never sampled stale.
+    base_url: str | None = None
+    model: str | None = None  # the base model's name on that server (for the untrained base)
+    api_key_env: str = "OPENAI_API_KEY"
+
+
 class RolloutCfg(Section):
     k: int = Field(4, gt=0)
     temperature: float = Field(0.8, ge=0)
     top_p: float = Field(0.95, gt=0, le=1)
     max_new_tokens: int = Field(1024, gt=0)
-    engine: Literal["auto", "transformers", "llamacpp"] = "auto"
+    # auto: vllm when it is installed (bash setup.sh --vllm) and CUDA is present, else llamacpp (in-process,
+    # on a q8_0 GGUF of the policy) when the GGUF converter is installed, else transformers.
+    engine: Literal["auto", "transformers", "llamacpp", "llamacpp-server", "vllm", "openai"] = "auto"
+    server: ServerCfg = Field(default_factory=ServerCfg)
     batch_size: int = Field(8, gt=0)
     questions: int | None = Field(None, gt=0)  # train questions per round (None = all)
+
+    @model_validator(mode="after")
+    def _served(self) -> RolloutCfg:
+        if self.engine == "openai" and not self.server.base_url:
+            raise ValueError("engine openai needs server.base_url (and server.model for the base)")
+        return self
 
 
 class CorrectionCfg(Section):
@@ -151,18 +183,33 @@ class RoundsCfg(Section):
 QUANTS = ("f16", "bf16", "q8_0", "q4_k_m", "q4_k_s", "q5_k_m", "q6_k", "q4_0", "q4_1", "q5_0", "q5_1")
 
 
+class ShipCfg(Section):
+    """Which exported quant goes into the bundle: the smallest candidate whose dev accuracy is at most
+    ``tolerance`` below the merged model's and whose answers agree with it on at least 1 - ``tolerance``
+    of the questions both answered (measured on the parity questions)."""
+
+    candidates: list[str] | None = None  # default: every quant in export.quants
+    tolerance: float = Field(0.02, ge=0, le=1)
+
+
 class ExportCfg(Section):
     merge_into: Literal["base16", "dequantized4bit"] = "base16"
     outtype: Literal["f16", "bf16"] = "f16"
     quants: list[str] = Field(default_factory=lambda: ["q8_0", "q4_k_m"])
     parity_questions: int = Field(20, gt=0)
     f16_max_rel_error: float = Field(1e-2, gt=0)
+    ship: ShipCfg = Field(default_factory=ShipCfg)
 
     @model_validator(mode="after")
     def _known(self) -> ExportCfg:
         bad = [q for q in self.quants if q not in QUANTS]
         if bad:
             raise ValueError(f"unknown quant types {bad}; known: {', '.join(QUANTS)}")
+        if not self.quants:
+            raise ValueError("export.quants: name at least one quant type to ship")
+        extra = [q for q in self.ship.candidates or [] if q not in self.quants]
+        if extra:
+            raise ValueError(f"export.ship.candidates {extra} are not in export.quants")
         return self
 
 
@@ -250,9 +297,11 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
             mark = getattr(e, "problem_mark", None)
             line = f"line {mark.line + 1}: " if mark else ""
             raise UserError(f"{path}: {line}not valid YAML") from None
-        if loaded is not None and not isinstance(loaded, dict):
+        if loaded is None:
+            raise UserError(f"{path}: the recipe is empty (write `{{}}` to mean every default)")
+        if not isinstance(loaded, dict):
             raise UserError(f"{path}: expected a mapping at the top level")
-        data = loaded or {}
+        data = loaded
     if overrides:
         data = apply_overrides(data, overrides)
         where += " (with overrides)"

@@ -7,44 +7,44 @@ can be rebuilt at any time from a run directory.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
-from .artifacts import atomic_write_json, atomic_write_text, read_json, read_jsonl, read_manifest
+from .artifacts import atomic_write_json, atomic_write_text, read_json, read_jsonl
+from .layout import RunDir
 from .recipe import Recipe
+from .steps import Step
 
 
-def _summary(path: Path) -> dict[str, Any] | None:
-    return read_json(path) if path.is_file() else None
-
-
-def accuracy_rows(run: Path) -> list[dict[str, Any]]:
-    """Dev accuracy per stage: base, SFT, each DPO round, each exported GGUF."""
+def accuracy_rows(run: RunDir) -> list[dict[str, Any]]:
+    """Dev accuracy per stage: base, SFT, each DPO round (the policy marked), each exported quant (the shipped one marked)."""
     rows = []
 
-    def add(stage: str, s: dict[str, Any] | None) -> None:
+    def add(stage: str, s: dict[str, Any] | None, n: int | None = None) -> None:
         if s:
-            rows.append({"stage": stage, "accuracy": s.get("accuracy"), "parse_rate": s.get("parse_rate"), "n": s["n"]})
+            rows.append({"stage": stage, "accuracy": s.get("accuracy"), "parse_rate": s.get("parse_rate"), "n": n})
 
-    add("base", _summary(run / "eval" / "base" / "summary.json"))
-    add("sft", _summary(run / "rounds" / "round-0" / "eval" / "summary.json"))
-    table = run / "rounds" / "rounds.json"
-    for row in read_json(table) if table.is_file() else []:
-        if row["round"] > 0:
-            add(f"round {row['round']}", _summary(run / "rounds" / f"round-{row['round']}" / "eval" / "summary.json"))
-    for q, s in (read_manifest(run / "eval") or {}).get("metrics", {}).get("ggufs", {}).items():
-        add(f"gguf {q}", s)
+    ev = read_json(run.eval / "summary.json") if (run.eval / "summary.json").is_file() else {}
+    n = (ev.get("base") or {}).get("n")
+    add("base", ev.get("base"), n)
+    if run.rounds_json.is_file():
+        table = read_json(run.rounds_json)
+        for row in table["rounds"]:
+            name = "sft" if row["round"] == 0 else f"round {row['round']}"
+            mark = " (policy)" if row["round"] == table["selected"] else ""
+            add(name + mark, {"accuracy": row.get("dev_accuracy"), "parse_rate": row.get("dev_parse_rate")}, n)
+    shipped = (Step("bundle", run.bundle, {}).metrics() or {}).get("shipped")
+    for q, s in (ev.get("quants") or {}).items():
+        add(f"gguf {q}" + (" (shipped)" if q == shipped else ""), s, s.get("n"))
     return rows
 
 
-def loss_curves(run: Path) -> dict[str, list[tuple[float, float]]]:
+def loss_curves(run: RunDir) -> dict[str, list[tuple[float, float]]]:
     """Training loss by step: SFT, then each DPO round."""
     curves = {}
-    logs = [("sft", run / "sft" / "metrics.jsonl")]
-    logs += [(d.name.replace("-", " "), d / "metrics.jsonl") for d in sorted((run / "rounds").glob("round-*"))]
+    logs = [("sft", run.sft / "metrics.jsonl")]
+    logs += [(f"round {rd.number}", rd.dpo / "metrics.jsonl") for rd in run.round_dirs()]
     for name, path in logs:
         if path.is_file():
             points = [(h["step"], h["loss"]) for h in read_jsonl(path) if "loss" in h and "step" in h]
@@ -53,20 +53,29 @@ def loss_curves(run: Path) -> dict[str, list[tuple[float, float]]]:
     return curves
 
 
-def pair_rows(run: Path) -> list[dict[str, Any]]:
-    table = run / "rounds" / "rounds.json"
-    keys = ("sample_accuracy", "corrections_tried", "corrections_verified", "pairs_candidates", "pairs_pairs")
-    return [{"round": r["round"]} | {k: r.get(k) for k in keys} for r in (read_json(table) if table.is_file() else [])]
+PAIR_KEYS = ("sample_accuracy", "sample_committed", "corrections_tried", "corrections_verified", "pairs_candidates",
+             "pairs_not_committed", "pairs_pairs", "dpo_steps")  # fmt: skip
 
 
-def parity_rows(run: Path) -> list[dict[str, Any]]:
-    report = run / "export" / "report.json"
+def pair_rows(run: RunDir) -> list[dict[str, Any]]:
+    table = read_json(run.rounds_json)["rounds"] if run.rounds_json.is_file() else []
+    return [{"round": r["round"]} | {k: r.get(k) for k in PAIR_KEYS} for r in table if r["round"] > 0]
+
+
+def parity_rows(run: RunDir) -> list[dict[str, Any]]:
+    report = run.export / "report.json"
     if not report.is_file():
         return []
-    rows = []
-    for s in read_json(report).get("models", {}).values():
-        rows.append({k: v for k, v in s.items() if isinstance(v, (int, float, str)) or v is None})
-    return rows
+    keep = (
+        "file",
+        "n",
+        "tokens_identical",
+        "rel_error_max",
+        "top1_agreement",
+        "tf_answer_agreement",
+        "tf_top1_agreement",
+    )
+    return [{k: s.get(k) for k in keep} for s in read_json(report).get("models", {}).values()]
 
 
 def _fmt(v: Any) -> str:
@@ -86,7 +95,7 @@ def _md_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> l
     return out
 
 
-def _plot(path: Path, acc: list[dict], curves: dict, pairs: list[dict], stages: dict[str, Any]) -> None:
+def _plot(path: Any, acc: list[dict], curves: dict, pairs: list[dict], stages: dict[str, Any]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -120,7 +129,7 @@ def _plot(path: Path, acc: list[dict], curves: dict, pairs: list[dict], stages: 
         w = 0.27
         for j, (k, label) in enumerate(
             [("corrections_tried", "corrections tried"), ("corrections_verified", "verified"), ("pairs_pairs", "pairs")]
-        ):
+        ):  # a subset of PAIR_KEYS, with labels
             ax.bar([x + (j - 1) * w for x in xs], [p.get(k) or 0 for p in rounds], width=w, label=label)
         ax.set_xticks(xs)
         ax.set_xlabel("round")
@@ -144,23 +153,28 @@ def _plot(path: Path, acc: list[dict], curves: dict, pairs: list[dict], stages: 
     tmp.replace(path)
 
 
-def write_run_report(run: Path, recipe: Recipe, stages: dict[str, Any]) -> dict[str, Any]:
-    """Write report.md, report.png and report.json under ``run``; return the report data."""
+def write_run_report(run: RunDir, recipe: Recipe, stages: dict[str, Any]) -> dict[str, Any]:
+    """Write report.md, report.png and report.json under the run; return the report data.
+
+    Every number comes from the artifacts (rounds.json names the policy, the
+    bundle's manifest the shipped file), so the report says what ships.
+    """
     acc, curves, pairs, parity = accuracy_rows(run), loss_curves(run), pair_rows(run), parity_rows(run)
     stage_rows = [
-        {
-            "stage": s,
-            "status": r.get("status"),
-            "skipped": r.get("skipped"),
-            "seconds": r.get("seconds"),
-            "peak_rss_mb": r.get("peak_rss_mb"),
-        }
+        {k: r.get(k) for k in ("status", "skipped", "seconds", "peak_rss_mb", "did")} | {"stage": s}
         for s, r in stages.items()
     ]
     total = sum(r.get("seconds") or 0 for r in stages.values())
     peak = max((r.get("peak_rss_mb") or 0 for r in stages.values()), default=0)
+    rounds = read_json(run.rounds_json) if run.rounds_json.is_file() else {}
+    bundle = Step("bundle", run.bundle, {}).metrics()
     data = {
         "name": recipe.name,
+        "policy_round": rounds.get("selected"),
+        "rounds_stopped": rounds.get("stopped"),
+        "shipped": bundle.get("shipped"),
+        "shipped_file": str(run.bundle / bundle["file"]) if bundle.get("file") else None,
+        "shipped_why": bundle.get("why"),
         "accuracy": acc,
         "pairs": pairs,
         "parity": parity,
@@ -169,13 +183,21 @@ def write_run_report(run: Path, recipe: Recipe, stages: dict[str, Any]) -> dict[
         "peak_rss_mb": peak,
         "final_losses": {k: v[-1][1] for k, v in curves.items()},
     }
-    _plot(run / "report.png", acc, curves, pairs, stages)
+    _plot(run.report_png, acc, curves, pairs, stages)
     lines = [
         f"# medcritical run: {recipe.name}",
         "",
         f"Model `{recipe.model.name_or_path}`, data {', '.join(s.path for s in recipe.data.sources)}, "
         f"{recipe.rounds.num_rounds} self-correction round(s). Wall time {total / 60:.1f} min, "
         f"peak memory {peak:.0f} MB (largest stage).",
+        "",
+        f"Policy: round {data['policy_round']}"
+        + (f" ({data['rounds_stopped']})" if data["rounds_stopped"] else "")
+        + (
+            f". Shipped: `{data['shipped_file']}` ({data['shipped']}): {data['shipped_why']}."
+            if data["shipped"]
+            else "."
+        ),
         "",
         "![report](report.png)",
         "",
@@ -197,31 +219,35 @@ def write_run_report(run: Path, recipe: Recipe, stages: dict[str, Any]) -> dict[
         "",
         "## Stages",
         "",
-        *_md_table(stage_rows),
+        *_md_table(stage_rows, ["stage", "status", "skipped", "seconds", "peak_rss_mb", "did"]),
         "",
     ]
-    atomic_write_text(run / "report.md", "\n".join(lines))
-    atomic_write_json(run / "report.json", data)
+    atomic_write_text(run.report_md, "\n".join(lines))
+    atomic_write_json(run.report_json, data)
     return data
 
 
-def print_final(run: Path, recipe: Recipe, report: dict[str, Any]) -> None:
-    """The accuracy table per stage and the command to chat with the GGUF (on stdout)."""
-    out = Console()
+def print_final(run: RunDir, recipe: Recipe, report: dict[str, Any]) -> None:
+    """The accuracy table per stage and the commands to use the shipped GGUF (on stdout)."""
+    from .runtime import out_console as out
+
     t = Table(title=f"{recipe.name}: accuracy on the {recipe.eval.split} split", title_justify="left")
     for c in ("stage", "accuracy", "parse rate", "n"):
         t.add_column(c, justify="left" if c == "stage" else "right")
     for r in report["accuracy"]:
         acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.1%}"
         parse = "-" if r["parse_rate"] is None else f"{r['parse_rate']:.1%}"
-        t.add_row(r["stage"], acc, parse, str(r["n"]))
+        t.add_row(r["stage"], acc, parse, "-" if r["n"] is None else str(r["n"]))
     out.print(t)
     out.print(
         f"wall time {report['wall_seconds'] / 60:.1f} min, peak memory {report['peak_rss_mb']:.0f} MB; "
-        f"report: {run / 'report.md'}",
+        f"report: {run.report_md}",
         highlight=False,
     )
-    final = (read_manifest(run / "eval") or {}).get("metrics", {}).get("gguf")
-    if final:
-        out.print(f"chat:  medcritical chat {run / 'export' / final['file']}", highlight=False)
-        out.print(f"serve: medcritical serve {run / 'export' / final['file']}", highlight=False)
+    if report.get("shipped_file"):
+        out.print(
+            f"shipped: {report['shipped_file']} (round {report['policy_round']}, {report['shipped']})", highlight=False
+        )
+        out.print(f"chat:   medcritical chat {report['shipped_file']}", highlight=False)
+        out.print(f"serve:  medcritical serve {report['shipped_file']}", highlight=False)
+        out.print(f"verify: medcritical verify {run.bundle}", highlight=False)

@@ -1,126 +1,52 @@
 """Stage ``rounds``: iterative self-correction DPO.
 
-Round r starts from round r-1's adapter (round 1 from the SFT adapter); each
-round runs rollouts -> corrections -> pairs -> dpo -> eval under
-``<run>/rounds/round-r/``, each part skipped when its output is complete.
-After every round the new policy is evaluated on the dev split; with
-``early_stop`` the rounds stop when dev accuracy falls. A per-round table
-(``rounds.md``, ``rounds.json``) and a PNG plot are written.
+Round r starts from the policy of round r-1 (round 1 from the SFT adapter) and
+runs five steps under ``<run>/rounds/round-r/``, each keyed by what it reads
+(:mod:`medcritical.steps`): ``rollouts`` (the policy's adapter hash, the round's
+questions, the sampling settings, the round number in the seed), ``corrections``
+(the rollouts' hash, the corrector's adapter), ``pairs`` (both logs), ``dpo``
+(the pairs' hash, the start adapter, the DPO settings) and ``eval`` (the new
+adapter's hash, the dev questions). A change anywhere redoes exactly the steps
+downstream of it; a round killed anywhere resumes inside the step it was in.
 
-Rollouts, corrections and these evaluations sample on the engine
-``rounds.rollouts.engine`` names (:func:`engine_kind`): transformers on the
-4-bit base + adapter, or llama.cpp on a q8_0 GGUF of base + adapter, exported
-once per adapter into ``<run>/policies/`` (:mod:`medcritical.policy_gguf`).
-Each generated row and the round's metrics name the engine that produced it.
+A round without a preference pair trains nothing: its policy is the previous
+one (said in the table); two such rounds in a row end the rounds. With
+``early_stop`` a round whose dev accuracy falls below the selected policy's
+ends the rounds, and the policy stays the last round that did not regress.
+``rounds/rounds.json`` records the table, the selected round and the chain of
+adapter hashes from SFT to it; export merges exactly that adapter.
+
+Rollouts, corrections and evaluations sample on the engine
+``rounds.rollouts.engine`` names (:mod:`medcritical.policy`).
 """
 
 from __future__ import annotations
 
-import gc
-import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from .artifacts import (
-    atomic_dir,
-    atomic_write_json,
-    atomic_write_text,
-    is_complete,
-    read_json,
-    read_manifest,
-    sha256_file,
-    sha256_tree,
-    write_manifest,
-)
-from .data import load_recipe_data
+from .artifacts import JsonlLog, atomic_write_json, atomic_write_text, model_fingerprint, read_json, sha256_tree
+from .data import MCQ, load_recipe_data, records_hash
 from .errors import UserError
+from .layout import RoundDir, RunDir
 from .recipe import Recipe
+from .steps import Step, move_aside
 
 PARTS = ("rollouts", "corrections", "pairs", "dpo", "eval")
 
 
-def engine_kind(recipe: Recipe) -> str:
-    """The engine that samples the policy: ``rounds.rollouts.engine``, with ``auto`` resolved.
-
-    ``auto`` is llama.cpp on a q8_0 GGUF of the policy when there is no CUDA
-    (on CPU it samples several times faster than transformers on the 4-bit
-    model) and the GGUF converter is installed; transformers otherwise.
-    """
-    want = recipe.rounds.rollouts.engine
-    if want != "auto":
-        return want
-    import importlib.util
-
-    from .models import cuda_available
-
-    if cuda_available() or importlib.util.find_spec("llama_cpp") is None:
-        return "transformers"
-    from export.gguf import find_converter
-
-    try:
-        find_converter()
-    except UserError:
-        return "transformers"
-    return "llamacpp"
-
-
-def _engine(
-    recipe: Recipe,
-    adapter: Path | None,
-    console: Console | None = None,
-    *,
-    gguf: Path | None = None,
-    adapter_hash: str | None = None,
-) -> Any:
-    """The policy base + ``adapter`` (``None``: the base alone) on the recipe's engine, or ``gguf`` on llama.cpp.
-
-    ``adapter_hash`` (the adapter's ``sha256_tree``, when the caller has it)
-    spares hashing the adapter again to find its cached policy GGUF.
-    """
-    console = console or Console(stderr=True)
-    if gguf is not None or engine_kind(recipe) == "llamacpp":
-        from .engines import LlamaCppEngine
-        from .policy_gguf import recipe_policy_gguf
-
-        path = gguf or recipe_policy_gguf(recipe, adapter, console, adapter_hash=adapter_hash).path
-        return LlamaCppEngine(path, n_ctx=recipe.eval.n_ctx, seed=recipe.seed)
-    from .engines import HFEngine
-    from .models import load_model
-
-    with console.status(f"loading {recipe.model.name_or_path}" + (f" + {adapter}" if adapter else "") + "..."):
-        loaded = load_model(recipe.model, adapter=adapter)
-    return HFEngine(loaded.model, loaded.tokenizer)
-
-
-class _Lazy:
-    """An engine built on first use: a resumed round whose generations are all on disk loads nothing."""
-
-    def __init__(self, recipe: Recipe, adapter: Path, console: Console) -> None:
-        self.args = (recipe, adapter, console)
-        self.engine: Any = None
-
-    def __getattr__(self, name: str) -> Any:
-        if self.engine is None:
-            self.engine = _engine(*self.args)
-        return getattr(self.engine, name)
-
-    def close(self) -> None:
-        if self.engine is not None:
-            self.engine.close()
-            self.engine = None
-            gc.collect()
-
-    def info(self) -> dict[str, str] | None:
-        """Which engine ran (and on which GGUF); None when it was never needed."""
-        if self.engine is None:
-            return None
-        gguf = getattr(self.engine, "gguf", None)
-        return {"engine": self.engine.name} | ({"gguf": str(gguf)} if gguf else {})
+def round_questions(recipe: Recipe, r: int, console: Console | None = None) -> list[MCQ]:
+    """Round r's training questions: ``rollouts.questions`` of them, a different slice each round."""
+    train = load_recipe_data(recipe.data, split="train", console=console)
+    n = recipe.rounds.rollouts.questions
+    if n:
+        off = ((r - 1) * n) % max(len(train), 1)
+        train = (train[off:] + train[:off])[:n]
+    return train
 
 
 def _engines_used(rows: list[dict]) -> str | None:
@@ -129,193 +55,274 @@ def _engines_used(rows: list[dict]) -> str | None:
     return "+".join(names) or None
 
 
-def eval_settings(recipe: Recipe, adapter: Path | None) -> dict[str, Any]:
-    """What a dev evaluation's results depend on; its cache key (and refusal to mix)."""
-    kind = engine_kind(recipe)
-    settings = {
-        "model": recipe.model.name_or_path,
-        "adapter": sha256_tree(adapter) if adapter is not None else None,
-        "engine": kind,
-        "eval": recipe.eval.model_dump(),
-        "language": recipe.language,
-    }
-    if kind == "transformers":
-        settings["load_in_4bit"] = recipe.model.load_in_4bit
-    else:
-        from .policy_gguf import MERGE_INTO, QTYPE
+def round_start(run_dir: RunDir, r: int) -> tuple[Path, str]:
+    """The policy round ``r`` starts from: SFT's adapter for round 1, else round r-1's policy."""
+    if r < 1:
+        raise UserError(f"rounds: --round {r}: rounds count from 1")
+    if r == 1:
+        if not (run_dir.sft_adapter / "adapter_config.json").is_file():
+            raise UserError(f"{run_dir.sft_adapter}: no SFT adapter; run the sft stage first")
+        return run_dir.sft_adapter, sha256_tree(run_dir.sft_adapter)
+    prev = run_dir.round(r - 1).root / "round.json"
+    if not prev.is_file():
+        raise UserError(f"round {r}: round {r - 1} is not done ({prev} is missing); run it first")
+    row = read_json(prev)
+    path = run_dir.root / row["adapter"]
+    if sha256_tree(path) != row["adapter_hash"]:
+        raise UserError(f"round {r}: round {r - 1}'s policy {path} changed since it was made; run round {r - 1} again")
+    return path, row["adapter_hash"]
 
-        settings["gguf"] = {"qtype": QTYPE, "merge_into": MERGE_INTO}
-    return settings
+
+def _step(kind: str, d: Path, material: dict[str, Any], run_dir: RunDir, r: int) -> Step:
+    return Step(kind, d, material, stale_root=run_dir.stale, label=f"round {r} {kind}")
 
 
-def eval_policy(
-    recipe: Recipe, adapter: Path | None, out: Path, console: Console, gguf: Path | None = None
+def run_round(
+    recipe: Recipe,
+    run_dir: RunDir,
+    r: int,
+    start: Path,
+    start_hash: str,
+    console: Console,
+    only: str | None = None,
+    start_eval: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Dev-split accuracy of base + ``adapter`` (``None``: the untrained base); resumes, cached by settings.
+    """One round from the policy ``start``; ``only`` runs a single part (the parts before it must be
+    complete for these inputs; the parts after it are left alone). ``start_eval``: the start policy's
+    dev evaluation, reused when the round carries the policy over.
 
-    Greedy as ``recipe.eval`` says, on the engine ``rounds.rollouts.engine``
-    picks (:func:`engine_kind`): llama.cpp evaluates the q8_0 GGUF of base +
-    adapter (exported once into ``<output_dir>/policies``), transformers the
-    4-bit base with the adapter. With ``gguf`` it evaluates that file on
-    llama.cpp instead (an exported model; ``adapter`` is ignored). Returns
-    ``summary.json``'s content (accuracy, parse_rate, engine, ...).
+    Returns the round's row for the table (also written to ``round-r/round.json``).
     """
-    from .evaluate import evaluate
-
-    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
-        raise UserError(f"{adapter}: not a LoRA adapter directory (no adapter_config.json)")
-    summary = out / "summary.json"
-    if gguf is not None:
-        settings = {"gguf": sha256_file(gguf), "eval": recipe.eval.model_dump(), "language": recipe.language}
-        inputs = {"gguf": settings["gguf"]}
-    else:
-        settings = eval_settings(recipe, adapter)
-        inputs = {"adapter": settings["adapter"] or "none"}
-    if summary.exists() and is_complete(out, settings, inputs):
-        return read_json(summary)
-    if (out / "settings.json").exists():
-        old = read_json(out / "settings.json")
-        changed = sorted(
-            k for k in settings.keys() | old.keys() if old.get(k) != json.loads(json.dumps(settings.get(k)))
-        )
-        if changed:
-            raise UserError(
-                f"{out}: holds an evaluation with other settings ({', '.join(changed)} differ); "
-                "delete it to evaluate again"
-                + (
-                    f", or set rounds.rollouts.engine={old['engine']}"
-                    if "engine" in changed and "engine" in old
-                    else ""
-                )
-            )
-    records = load_recipe_data(recipe.data, split=recipe.eval.split)[: recipe.eval.limit]
-    engine = _engine(recipe, adapter, console, gguf=gguf, adapter_hash=settings.get("adapter"))
-    label = gguf.name if gguf is not None else "base" if adapter is None else out.parent.name
-    ev = recipe.eval
-    res = evaluate(
-        records, engine, out, mode=ev.mode, max_new_tokens=ev.max_new_tokens, temperature=ev.temperature,
-        top_p=ev.top_p, batch_size=ev.batch_size, language=recipe.language, seed=recipe.seed, config=settings,
-        console=console, label=f"eval {label}",
-    )  # fmt: skip
-    used = getattr(engine, "gguf", None)
-    write_manifest(out, "eval", settings, inputs, metrics=res, gguf=str(used) if used else None)
-    engine.close()
-    return res
-
-
-def run_round(recipe: Recipe, r: int, console: Console, only: str | None = None) -> dict[str, Any]:
-    """One round; ``only`` runs a single part (its inputs must exist)."""
     from . import selfplay
-    from .artifacts import JsonlLog
+    from .default_model import resolve_model
+    from .evaluate import eval_policy
+    from .policy import LazyPolicy, engine_settings
 
-    run = Path(recipe.output_dir)
-    rdir = run / "rounds" / f"round-{r}"
-    start = run / "sft" / "adapter" if r == 1 else run / "rounds" / f"round-{r - 1}" / "adapter"
-    if not (start / "adapter_config.json").exists():
-        raise UserError(f"{start}: no adapter to start round {r} from; run the previous stage first")
-    config = {
-        "rounds": recipe.rounds.model_dump(),
-        "model": recipe.model.model_dump(),
-        "seed": recipe.seed,
-        "language": recipe.language,
-    }
-    inputs = {"start_adapter": sha256_tree(start), "data": json.dumps(recipe.data.model_dump(), sort_keys=True)}
-    if only is None and is_complete(rdir, config, inputs):
-        console.print(f"[green]round {r}: up to date")
-        return read_manifest(rdir)["metrics"]
-    rdir.mkdir(parents=True, exist_ok=True)
-    want = set(PARTS) if only is None else {only}
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and want - {"dpo"}:
+    rd: RoundDir = run_dir.round(r)
+    if only is not None and only not in PARTS:
+        raise UserError(f"round {r}: unknown part {only!r}; parts: {', '.join(PARTS)}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and only != "dpo":
         raise UserError(
             f"round {r}: under a multi-process launcher only `--only dpo` runs; generate with one process "
             "(docs/multi-gpu.md)"
         )
-    train = load_recipe_data(recipe.data, split="train", console=console)
-    if recipe.rounds.rollouts.questions:
-        # A different slice of the training questions each round.
-        n = recipe.rounds.rollouts.questions
-        off = ((r - 1) * n) % max(len(train), 1)
-        train = (train[off:] + train[:off])[:n]
-    metrics: dict[str, Any] = {"round": r, "questions": len(train)}
+    questions = round_questions(recipe, r, console)
+    seed_and_lang = {"seed": recipe.seed, "round": r, "language": recipe.language}
+    base = model_fingerprint(resolve_model(recipe.model.name_or_path))
+    engine = engine_settings(recipe)
+    row: dict[str, Any] = {"round": r, "questions": len(questions), "start_adapter": start_hash}
 
-    # Engines built this time (None: everything was on disk), for the manifest; the rows say who generated them.
-    engines: dict[str, dict[str, str] | None] = {}
-    policy = _Lazy(recipe, start, console)
-    rolled = JsonlLog(rdir / "rollouts.jsonl")
-    if "rollouts" in want:
-        rolled = selfplay.rollouts(recipe, policy, train, rdir / "rollouts.jsonl", console)
-    samples = [s for row in rolled.values() for s in row["samples"]]
-    metrics["sample_accuracy"] = round(sum(s["correct"] for s in samples) / max(len(samples), 1), 4)
-    metrics["sample_parse_rate"] = round(sum(s["parsed"] is not None for s in samples) / max(len(samples), 1), 4)
-    metrics["rollout_engine"] = _engines_used(rolled.values())
+    def need(step: Step, part: str) -> bool:
+        """Whether ``part`` must run now; with ``only``, an earlier part must already be complete."""
+        if only is None or part == only:
+            return step.begin(console) != "complete"
+        if not step.complete:
+            raise UserError(f"round {r}: {part} is not done for these inputs; run it first (--only {part})")
+        return False
 
-    corrected = JsonlLog(rdir / "corrections.jsonl")
-    sft = run / "sft" / "adapter"
-    corrector = policy
-    if recipe.rounds.correction.by == "sft" and sft != start:
-        engines["policy"] = policy.info()
-        policy.close()  # free it before the corrector loads
-        corrector = _Lazy(recipe, sft, console)
-    if "corrections" in want:
-        corrected = selfplay.corrections(recipe, corrector, train, rolled, rdir / "corrections.jsonl", console)
-    metrics["corrections_tried"] = len(corrected)
-    metrics["corrections_verified"] = sum(c["verified"] for c in corrected.values())
-    metrics["correction_engine"] = _engines_used(corrected.values())
-    engines["policy" if corrector is policy else "corrector"] = corrector.info()
-    corrector.close()
+    def past(part: str) -> bool:
+        """With ``only``: ``part`` comes after it, so the round stops here."""
+        return only is not None and PARTS.index(part) > PARTS.index(only)
 
-    if "pairs" in want:
+    # 1. rollouts
+    ro = _step(
+        "rollouts", rd.rollouts,
+        {"rollouts": recipe.rounds.rollouts.model_dump(exclude={"questions", "server", "engine"}), "questions": records_hash(questions),
+         "policy": start_hash, "base": base, "engine": engine, "eval_n_ctx": recipe.eval.n_ctx, **seed_and_lang},
+        run_dir, r,
+    )  # fmt: skip
+    policy = LazyPolicy(recipe, start, console, start_hash)
+    try:
+        if need(ro, "rollouts"):
+            rolled = selfplay.rollouts(recipe, policy, questions, rd.rollouts_log, console, round_no=r)
+            ro.done(_rollout_stats(rolled), outputs=["rollouts.jsonl"], engine=policy.info())
+        rolled = JsonlLog(rd.rollouts_log)
+        row |= _rollout_stats(rolled) | {"rollout_engine": _engines_used(rolled.values())}
+
+        if past("corrections"):
+            return row
+        # 2. corrections, by the SFT model or the current policy
+        corrector_path = run_dir.sft_adapter if recipe.rounds.correction.by == "sft" else start
+        corrector_hash = sha256_tree(corrector_path) if corrector_path != start else start_hash
+        co = _step(
+            "corrections", rd.corrections,
+            {"correction": recipe.rounds.correction.model_dump(), "batch_size": recipe.rounds.rollouts.batch_size,
+             "rollouts": ro.output_hash("rollouts.jsonl"), "corrector": corrector_hash, "base": base,
+             "engine": engine, "eval_n_ctx": recipe.eval.n_ctx, **seed_and_lang},
+            run_dir, r,
+        )  # fmt: skip
+        if need(co, "corrections"):
+            corrector = policy
+            if corrector_hash != start_hash:
+                policy.close()  # free it before the corrector loads
+                corrector = LazyPolicy(recipe, corrector_path, console, corrector_hash)
+            corrected = selfplay.corrections(recipe, corrector, questions, rolled, rd.corrections_log, console, r)
+            co.done(_correction_stats(corrected), outputs=["corrections.jsonl"], engine=corrector.info())
+            corrector.close()
+    finally:
+        policy.close()
+    corrected = JsonlLog(rd.corrections_log)
+    row |= _correction_stats(corrected) | {"correction_engine": _engines_used(corrected.values())}
+
+    # 3. pairs
+    if past("pairs"):
+        return row
+    pa = _step(
+        "pairs", rd.pairs,
+        {"pairs": recipe.rounds.pairs.model_dump(), "rollouts": ro.output_hash("rollouts.jsonl"),
+         "corrections": co.output_hash("corrections.jsonl"), "questions": records_hash(questions),
+         "tokenizer": start_hash, **seed_and_lang},
+        run_dir, r,
+    )  # fmt: skip
+    if need(pa, "pairs"):
         from .models import load_tokenizer
 
-        tokenizer = load_tokenizer(str(start))
-        pairs, stats = selfplay.build_pairs(recipe, train, rolled, corrected, tokenizer)
-        selfplay.write_pairs(pairs, rdir / "pairs.jsonl")
-        atomic_write_json(rdir / "pairs_stats.json", stats)
-    if (rdir / "pairs_stats.json").exists():
-        metrics |= {f"pairs_{k}": v for k, v in read_json(rdir / "pairs_stats.json").items()}
+        pairs, stats = selfplay.build_pairs(recipe, questions, rolled, corrected, load_tokenizer(str(start)))
+        selfplay.write_pairs(pairs, rd.pairs_file)
+        pa.done(stats, outputs=["pairs.jsonl"])
+    row |= {f"pairs_{k}": v for k, v in pa.metrics().items()}
 
-    if "dpo" in want:
-        from .dpo import run_dpo
+    # 4. dpo (no pairs: the policy carries over unchanged)
+    if past("dpo"):
+        return row
+    adapter, adapter_hash = start, start_hash
+    if pa.metrics().get("pairs", 0) == 0:
+        row |= {"dpo_steps": 0, "note": "no preference pairs: policy carried over"}
+        console.print(f"[yellow]round {r}: no preference pairs; the policy is carried over unchanged[/]")
+    else:
+        dp = _step(
+            "dpo", rd.dpo,
+            {"dpo": recipe.rounds.dpo.model_dump(), "max_length": recipe.rounds.pairs.max_length,
+             "model": recipe.model.model_dump(), "base": base, "pairs": pa.output_hash("pairs.jsonl"),
+             "start": start_hash, "seed": recipe.seed},
+            run_dir, r,
+        )  # fmt: skip
+        if only in (None, "dpo"):
+            from .training import main_process_begin
 
-        dpo_inputs = {"pairs": sha256_tree(rdir / "pairs.jsonl"), "start": inputs["start_adapter"]}
-        if is_complete(rdir / "dpo", config, dpo_inputs):
-            dm = read_manifest(rdir / "dpo")["metrics"]
-        elif not (rdir / "pairs.jsonl").read_text(encoding="utf-8").strip():
-            # No verified pair this round: the policy carries over unchanged.
-            console.print(f"[yellow]round {r}: no preference pairs; the policy is carried over unchanged")
-            with atomic_dir(rdir / "adapter") as tmp:
-                for f in start.iterdir():
-                    if f.is_file():
-                        shutil.copy2(f, tmp / f.name)
-            dm = {"steps": 0, "pairs": 0}
-            write_manifest(rdir / "dpo", "dpo", config, dpo_inputs, metrics=dm)
-        else:
-            dm = run_dpo(recipe, rdir / "pairs.jsonl", start, rdir, console)
-            write_manifest(rdir / "dpo", "dpo", config, dpo_inputs, metrics=dm)
-        metrics |= {f"dpo_{k}": v for k, v in dm.items() if k != "resumed_from"}
-    if "eval" in want:
-        ev = eval_policy(recipe, rdir / "adapter", rdir / "eval", console)
-        metrics |= {"dev_accuracy": ev["accuracy"], "dev_parse_rate": ev["parse_rate"], "eval_engine": ev["engine"]}
+            if main_process_begin(dp, console) != "complete":
+                from .dpo import run_dpo
+
+                dm = run_dpo(recipe, rd.pairs_file, start, rd.dpo, console, label=f"dpo round {r}")
+                if int(os.environ.get("RANK", "0")) == 0:
+                    dp.done(dm, outputs=["adapter"])
+                _free_accelerator_memory()  # a served engine starts next, in another process
+        elif not dp.complete:
+            raise UserError(f"round {r}: dpo is not done for these inputs; run it first (--only dpo)")
+        if only == "dpo":
+            return row
+        row |= {f"dpo_{k}": v for k, v in dp.metrics().items() if k != "resumed_from"}
+        adapter, adapter_hash = rd.adapter, dp.output_hash("adapter")
+
+    # 5. eval on the dev split (a carried-over policy keeps the evaluation it had)
+    if adapter_hash == start_hash and start_eval is not None:
+        ev = start_eval
+    else:
+        ev = eval_policy(recipe, adapter, rd.eval, console, adapter_hash=adapter_hash, stale_root=run_dir.stale,
+                         label=f"round {r}")  # fmt: skip
+    row |= {"dev_accuracy": ev["accuracy"], "dev_parse_rate": ev["parse_rate"], "eval_engine": ev["engine"]}
+    row |= {"adapter": str(adapter.relative_to(run_dir.root)), "adapter_hash": adapter_hash}
     if only is None:
-        write_manifest(rdir, "round", config, inputs, metrics=metrics, engines=engines)
-    return metrics
+        atomic_write_json(rd.root / "round.json", row)
+    return row
 
 
-def run_rounds(recipe: Recipe, console: Console | None = None) -> list[dict[str, Any]]:
-    """All rounds, with the SFT policy's dev accuracy as round 0."""
-    console = console or Console(stderr=True)
-    run = Path(recipe.output_dir)
-    base = eval_policy(recipe, run / "sft" / "adapter", run / "rounds" / "round-0" / "eval", console)
-    table = [{"round": 0, "dev_accuracy": base["accuracy"], "dev_parse_rate": base["parse_rate"]}]
+def _prune(run_dir: RunDir, table: list[dict[str, Any]], selected: int) -> None:
+    """Keep the merged weights and f16 GGUF of the selected policy's build only (disk: a 7B merge is 15 GB)."""
+    from export.build import prune
+
+    prune(run_dir.policies, {next(t for t in table if t["round"] == selected)["adapter_hash"]})
+
+
+def _free_accelerator_memory() -> None:
+    """Give the trained model's GPU memory back before a server (vLLM) starts in another process."""
+    import gc
+
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _rollout_stats(rolled: JsonlLog) -> dict[str, Any]:
+    samples = [s for row in rolled.values() for s in row["samples"]]
+    n = max(len(samples), 1)
+    return {
+        "sample_accuracy": round(sum(s["correct"] for s in samples) / n, 4),
+        "sample_parse_rate": round(sum(s["parsed"] is not None for s in samples) / n, 4),
+        "sample_committed": round(sum(bool(s.get("committed")) for s in samples) / n, 4),
+    }
+
+
+def _correction_stats(corrected: JsonlLog) -> dict[str, Any]:
+    rows = corrected.values()
+    return {
+        "corrections_tried": len(rows),
+        "corrections_verified": sum(c["verified"] for c in rows),
+        "corrections_lenient": sum(bool(c.get("verified_lenient")) for c in rows),
+    }
+
+
+def run(recipe: Recipe, run_dir: RunDir, console: Console) -> dict[str, Any]:
+    """All rounds, with the SFT policy's dev accuracy as round 0; writes rounds.json/.md/.png."""
+    from .evaluate import eval_policy
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError(
+            "rounds: under a multi-process launcher only `rounds --round N --only dpo` runs; generate with one "
+            "process (docs/multi-gpu.md)"
+        )
+    sft = run_dir.sft_adapter
+    if not (sft / "adapter_config.json").is_file():
+        raise UserError(f"{sft}: no SFT adapter; run the sft stage first")
+    sft_hash = sha256_tree(sft)
+    ev = eval_policy(recipe, sft, run_dir.sft_eval, console, adapter_hash=sft_hash, stale_root=run_dir.stale,
+                     label="sft")  # fmt: skip
+    table: list[dict[str, Any]] = [
+        {"round": 0, "dev_accuracy": ev["accuracy"], "dev_parse_rate": ev["parse_rate"], "eval_engine": ev["engine"],
+         "adapter": str(sft.relative_to(run_dir.root)), "adapter_hash": sft_hash}
+    ]  # fmt: skip
+    chain = [{"round": 0, "adapter": str(sft.relative_to(run_dir.root)), "hash": sft_hash}]
+    selected, empty_streak, stopped = 0, 0, None
+    start, start_hash, start_eval = sft, sft_hash, ev
     for r in range(1, recipe.rounds.num_rounds + 1):
-        table.append(run_round(recipe, r, console))
-        if recipe.rounds.early_stop and table[-1]["dev_accuracy"] < table[-2]["dev_accuracy"]:
-            console.print(
-                f"[yellow]round {r}: dev accuracy fell ({table[-2]['dev_accuracy']:.1%} -> {table[-1]['dev_accuracy']:.1%}); stopping early"
+        row = run_round(recipe, run_dir, r, start, start_hash, console, start_eval=start_eval)
+        table.append(row)
+        if row["adapter_hash"] != start_hash:
+            chain.append({"round": r, "adapter": row["adapter"], "hash": row["adapter_hash"]})
+        empty_streak = empty_streak + 1 if row.get("pairs_pairs", 0) == 0 else 0
+        best = next(t for t in table if t["round"] == selected)
+        if recipe.rounds.early_stop and row["dev_accuracy"] < best["dev_accuracy"]:
+            stopped = (
+                f"round {r}: dev accuracy fell ({best['dev_accuracy']:.1%} -> {row['dev_accuracy']:.1%}); "
+                f"round {selected} stays the policy"
             )
             break
-    write_round_report(table, run / "rounds", console)
-    return table
+        if row["adapter_hash"] != start_hash:
+            selected = r
+        start, start_hash = run_dir.root / row["adapter"], row["adapter_hash"]
+        start_eval = {
+            "accuracy": row["dev_accuracy"],
+            "parse_rate": row["dev_parse_rate"],
+            "engine": row["eval_engine"],
+        }
+        _prune(run_dir, table, selected)
+        if empty_streak >= 2:
+            stopped = f"rounds {r - 1} and {r} made no preference pair; stopping"
+            break
+    _prune(run_dir, table, selected)
+    if stopped:
+        console.print(f"[yellow]{stopped}[/]")
+    last = table[-1]["round"]
+    for rd in run_dir.round_dirs():  # rounds an earlier run went further with: not this run's, out of the way
+        if rd.number > last:
+            dest = move_aside(rd.root, run_dir.stale, f"This run's rounds ended at round {last}.")
+            console.print(f"[dim]round {rd.number}: left from an earlier run; moved to {dest}[/]")
+    chain = [c for c in chain if c["round"] <= selected]
+    result = {"rounds": table, "selected": selected, "chain": chain, "stopped": stopped}
+    write_round_report(result, run_dir, console)
+    return {"rounds": table, "selected": selected, "stopped": stopped}
 
 
 COLUMNS = (
@@ -323,26 +330,34 @@ COLUMNS = (
     "dev_accuracy",
     "dev_parse_rate",
     "sample_accuracy",
+    "sample_committed",
     "corrections_tried",
     "corrections_verified",
     "pairs_pairs",
+    "dpo_steps",
     "dpo_reward_margin_last",
     "rollout_engine",
 )
 
 
-def write_round_report(table: list[dict[str, Any]], out: Path, console: Console) -> None:
-    atomic_write_json(out / "rounds.json", table)
+def write_round_report(result: dict[str, Any], run_dir: RunDir, console: Console) -> None:
+    table, selected = result["rounds"], result["selected"]
+    atomic_write_json(run_dir.rounds_json, result)
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    t = Table(title="self-correction rounds", title_justify="left")
+    t = Table(title=f"self-correction rounds (policy: round {selected})", title_justify="left")
     for c in COLUMNS:
         t.add_column(c.replace("_", " "), justify="right")
     for row in table:
         cells = [f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "-")) for c in COLUMNS]
+        cells[0] += " *" if row["round"] == selected else ""
         lines.append("| " + " | ".join(cells) + " |")
         t.add_row(*cells)
-    atomic_write_text(out / "rounds.md", "\n".join(lines) + "\n")
+    notes = [f"round {row['round']}: {row['note']}" for row in table if row.get("note")]
+    lines += ["", f"Policy: round {selected} (*)."] + ([result["stopped"]] if result["stopped"] else []) + notes
+    atomic_write_text(run_dir.rounds / "rounds.md", "\n".join(lines) + "\n")
     console.print(t)
+    for n in notes:
+        console.print(f"[dim]{n}[/]")
 
     import matplotlib
 
@@ -353,13 +368,14 @@ def write_round_report(table: list[dict[str, Any]], out: Path, console: Console)
     xs = [row["round"] for row in table]
     ax.plot(xs, [row["dev_accuracy"] for row in table], marker="o", label="dev accuracy")
     ax.plot(xs, [row.get("dev_parse_rate") for row in table], marker="s", label="dev parse rate")
+    ax.axvline(selected, color="gray", linestyle=":", label=f"policy (round {selected})")
     ax.set_xlabel("round (0 = SFT)")
     ax.set_ylim(0, 1)
     ax.set_xticks(xs)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = out / ".rounds.png.tmp.png"
+    tmp = run_dir.rounds / ".rounds.png.tmp.png"
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    tmp.replace(out / "rounds.png")
+    tmp.replace(run_dir.rounds / "rounds.png")

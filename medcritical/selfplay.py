@@ -2,19 +2,30 @@
 
 The MedCritical loop, per round:
 
-1. **Rollouts** — the current policy samples ``k`` answers per training
+1. **Rollouts** - the current policy samples ``k`` answers per training
    question; each is graded against the key.
-2. **Corrections** — for each wrong trajectory, the fine-tuned model (the SFT
+2. **Corrections** - for each wrong trajectory, the fine-tuned model (the SFT
    model or the current policy) reviews it, finds the faulty step and answers
    again. The key is never in that prompt (with ``hint: wrong`` it is only told
-   the answer is wrong). A correction counts only if its answer matches the key.
-3. **Pairs** — chosen = a verified correction (``correction``, the paper's) or
+   the answer is wrong).
+3. **Pairs** - chosen = a verified correction (``correction``, the paper's) or
    a correct sample (``self-consistency``) or both (``mixed``); rejected = the
    wrong trajectory; the prompt is the original question.
 
-Rollouts and corrections append JSONL keyed by id, so a killed round resumes
-without regenerating what is already written. Each row names the engine that
-generated it (``transformers`` or ``llamacpp``, see ``rounds.engine_kind``).
+What may become ``chosen`` is strict: the reply must be in the student's layout
+(plan and reasoning sections, :func:`~medcritical.prompts.split_template`) and
+state the key on its own final answer line
+(:func:`~medcritical.grading.committed_answer`). The lenient reader that scores
+evaluations (:func:`~medcritical.grading.extract_answer`) may count a reply as
+right that commits to nothing ("The correct answer is:" and nothing after it);
+DPO must never learn to prefer such a reply. A verified correction is trained
+as its last template (a correction often quotes the wrong trajectory first),
+rendered in the student layout.
+
+Rollouts and corrections append JSONL keyed by id. Generation is cut in chunks
+over the whole question list with a seed per (round, step, chunk)
+(:func:`medcritical.steps.pending_chunks`), so a killed round redoes only its
+unfinished chunk, with the same samples as a run that never stopped.
 """
 
 from __future__ import annotations
@@ -26,12 +37,14 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .artifacts import JsonlLog, atomic_write_text, iter_batches
+from .artifacts import JsonlLog, atomic_write_text
 from .data import MCQ
 from .engines import Engine
-from .grading import extract_answer, grade
+from .grading import committed_answer, extract_answer, grade
 from .prompts import choose_lang, correction_messages, question_messages, render_template, split_template
 from .recipe import Recipe
+from .runtime import Ticker
+from .steps import derive_seed, pending_chunks
 
 
 def _bar(console: Console, label: str, total: int, done: int) -> tuple[Progress, Any]:
@@ -42,41 +55,63 @@ def _bar(console: Console, label: str, total: int, done: int) -> tuple[Progress,
     return prog, prog.add_task(label, total=total, completed=done, stats="")
 
 
-def _grade(text: str, q: MCQ) -> dict:
+def as_chosen(text: str, q: MCQ, lang: str) -> tuple[str | None, str]:
+    """``text`` rewritten as a chosen reply, or None with the reason it may not be one.
+
+    It must be in the student layout and state the key on its final answer
+    line; the result is its last template with that answer line.
+    """
+    stated = committed_answer(text, q.options.keys())
+    if stated is None:
+        return None, "no_answer_line"
+    if not grade(stated, q.answer):
+        return None, "wrong_answer"
+    parts = split_template(text, lang)  # type: ignore[arg-type]
+    if parts is None:
+        return None, "no_layout"
+    return render_template(parts[0], parts[1], stated, lang), "ok"  # type: ignore[arg-type]
+
+
+def _grade(text: str, q: MCQ, lang: str) -> dict:
     parsed = extract_answer(text, q.options.keys())
-    return {"text": text, "parsed": sorted(parsed) if parsed else None, "correct": grade(parsed, q.answer)}
+    chosen, why = as_chosen(text, q, lang)
+    return {
+        "text": text,
+        "parsed": sorted(parsed) if parsed else None,
+        "correct": grade(parsed, q.answer),
+        "committed": chosen is not None,  # may be a chosen reply (see the module doc)
+        "why": why,
+    }
 
 
-def rollouts(recipe: Recipe, engine: Engine, questions: Sequence[MCQ], path: Path, console: Console) -> JsonlLog:
-    """Sample ``k`` graded answers per question into ``path`` (resumable)."""
+def rollouts(
+    recipe: Recipe, engine: Engine, questions: Sequence[MCQ], path: Path, console: Console, round_no: int = 1
+) -> JsonlLog:
+    """Sample ``k`` graded answers per question into ``path`` (resumable, see the module doc)."""
     cfg = recipe.rounds.rollouts
     log = JsonlLog(path)
-    todo = [q for q in questions if q.id not in log]
-    name = engine.name if todo else None  # an engine built on first use loads here, before the bar
-    prog, task = _bar(console, "rollouts", len(questions), len(questions) - len(todo))
+    ids = [q.id for q in questions]
+    chunks = list(pending_chunks(ids, max(1, cfg.batch_size // cfg.k), set(log.rows)))
+    name = engine.name if chunks else None  # an engine built on first use loads here, before the bar
+    prog, task = _bar(console, f"rollouts r{round_no}", len(questions), len(log))
+    tick = Ticker(console, f"rollouts r{round_no}")
     with prog:
-        for chunk in iter_batches(todo, max(1, cfg.batch_size // cfg.k)):
-            msgs = [
-                question_messages(q.question, q.options, q.multi, choose_lang(q.question, recipe.language))
-                for q in chunk
-            ]
+        for c, positions in chunks:
+            chunk = [questions[i] for i in positions]
+            langs = [choose_lang(q.question, recipe.language) for q in chunk]
+            msgs = [question_messages(q.question, q.options, q.multi, lg) for q, lg in zip(chunk, langs)]
             outs = engine.generate(
                 msgs, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, n=cfg.k,
-                seed=recipe.seed + len(log), batch_size=cfg.batch_size,
+                seed=derive_seed(recipe.seed, "rollouts", round_no, c), batch_size=cfg.batch_size,
             )  # fmt: skip
-            for q, samples in zip(chunk, outs):
-                log.append({"id": q.id, "samples": [_grade(s, q) for s in samples], "engine": name})
+            for q, lg, samples in zip(chunk, langs, outs):
+                if q.id not in log:
+                    log.append({"id": q.id, "samples": [_grade(s, q, lg) for s in samples], "engine": name})
             right = sum(s["correct"] for row in log.values() for s in row["samples"])
             total = sum(len(row["samples"]) for row in log.values())
             prog.update(task, completed=len(log), stats=f"sample acc {right / max(total, 1):.1%}")
+            tick(len(log), len(questions), f"sample acc {right / max(total, 1):.1%}")
     return log
-
-
-def clean_correction(text: str, q: MCQ, lang: str) -> str:
-    """Keep the re-answer in the student's layout, without the critique preamble."""
-    parts = split_template(text, lang)
-    parsed = extract_answer(text, q.options.keys())
-    return render_template(parts[0], parts[1], parsed, lang) if parts and parsed else text
 
 
 def to_correct(rows: Iterable[dict], byid: dict[str, MCQ], per_question: int | None) -> list[tuple[str, MCQ, str]]:
@@ -93,18 +128,30 @@ def to_correct(rows: Iterable[dict], byid: dict[str, MCQ], per_question: int | N
 
 
 def corrections(
-    recipe: Recipe, engine: Engine, questions: Sequence[MCQ], rolled: JsonlLog, path: Path, console: Console
+    recipe: Recipe,
+    engine: Engine,
+    questions: Sequence[MCQ],
+    rolled: JsonlLog,
+    path: Path,
+    console: Console,
+    round_no: int = 1,
 ) -> JsonlLog:
-    """Ask the model to correct wrong trajectories (:func:`to_correct`); keep those verified by the key."""
+    """Ask the model to correct wrong trajectories (:func:`to_correct`); a correction is verified
+    when it may be a chosen reply (:func:`as_chosen`)."""
     cfg = recipe.rounds.correction
     byid = {q.id: q for q in questions}
     log = JsonlLog(path)
-    wrong = to_correct(rolled.values(), byid, cfg.per_question)
-    todo = [w for w in wrong if w[0] not in log]
-    name = engine.name if todo else None  # an engine built on first use loads here, before the bar
-    prog, task = _bar(console, "corrections", len(wrong), len(wrong) - len(todo))
+    order = {q.id: i for i, q in enumerate(questions)}
+    rows = sorted((r for r in rolled.values() if r["id"] in order), key=lambda r: order[r["id"]])
+    wrong = to_correct(rows, byid, cfg.per_question)
+    keys = [w[0] for w in wrong]
+    chunks = list(pending_chunks(keys, max(1, recipe.rounds.rollouts.batch_size // cfg.attempts), set(log.rows)))
+    name = engine.name if chunks else None  # an engine built on first use loads here, before the bar
+    prog, task = _bar(console, f"corrections r{round_no}", len(wrong), len(log))
+    tick = Ticker(console, f"corrections r{round_no}")
     with prog:
-        for chunk in iter_batches(todo, max(1, recipe.rounds.rollouts.batch_size // cfg.attempts)):
+        for c, positions in chunks:
+            chunk = [wrong[i] for i in positions]
             langs = [choose_lang(q.question, recipe.language) for _, q, _ in chunk]
             msgs = [
                 correction_messages(q.question, q.options, q.multi, lg, text, cfg.hint)
@@ -112,11 +159,13 @@ def corrections(
             ]
             outs = engine.generate(
                 msgs, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=1.0, n=cfg.attempts,
-                seed=recipe.seed + 7919 + len(log), batch_size=recipe.rounds.rollouts.batch_size,
+                seed=derive_seed(recipe.seed, "corrections", round_no, c), batch_size=recipe.rounds.rollouts.batch_size,
             )  # fmt: skip
             for (key, q, text), lg, attempts in zip(chunk, langs, outs):
-                graded = [_grade(a, q) for a in attempts]
-                ok = next((g for g in graded if g["correct"]), None)
+                if key in log:
+                    continue
+                graded = [_grade(a, q, lg) for a in attempts]
+                ok = next((g for g in graded if g["committed"]), None)
                 log.append(
                     {
                         "id": key,
@@ -124,43 +173,62 @@ def corrections(
                         "rejected": text,
                         "attempts": graded,
                         "verified": ok is not None,
-                        "chosen": clean_correction(ok["text"], q, lg) if ok else None,
+                        "verified_lenient": any(g["correct"] for g in graded),
+                        "chosen": as_chosen(ok["text"], q, lg)[0] if ok else None,
                         "engine": name,
                     }
                 )
             verified = sum(r["verified"] for r in log.values())
             prog.update(task, completed=len(log), stats=f"verified {verified}/{len(log)}")
+            tick(len(log), len(wrong), f"verified {verified}/{len(log)}")
     return log
 
 
 def build_pairs(
     recipe: Recipe, questions: Sequence[MCQ], rolled: JsonlLog, corrected: JsonlLog, tokenizer: Any = None
 ) -> tuple[list[dict], dict[str, int]]:
-    """Preference pairs by the recipe's strategy, deduplicated, capped and length-filtered."""
+    """Preference pairs by the recipe's strategy, deduplicated, capped and length-filtered.
+
+    Counts what was left out and why: ``duplicates``, ``too_long`` (would be cut
+    before the answer line at ``pairs.max_length``), ``over_cap``, and
+    ``not_committed`` (right by the lenient reader, but no layout or no final
+    answer line: never chosen).
+    """
     cfg = recipe.rounds.pairs
     byid = {q.id: q for q in questions}
+    order = {q.id: i for i, q in enumerate(questions)}
     candidates: dict[str, list[tuple[str, str, str]]] = {}
+    stats = {"candidates": 0, "not_committed": 0, "duplicates": 0, "too_long": 0, "over_cap": 0}
     if cfg.strategy in ("correction", "mixed"):
         for c in corrected.values():
             if c["verified"]:
                 candidates.setdefault(c["question_id"], []).append((c["chosen"], c["rejected"], "correction"))
+            elif c.get("verified_lenient"):
+                stats["not_committed"] += 1
     if cfg.strategy in ("self-consistency", "mixed"):
         for row in rolled.values():
-            good = [s["text"] for s in row["samples"] if s["correct"]]
+            if row["id"] not in byid:
+                continue
+            q = byid[row["id"]]
+            lang = choose_lang(q.question, recipe.language)
+            good = [as_chosen(s["text"], q, lang)[0] for s in row["samples"] if s["correct"] and s.get("committed")]
+            stats["not_committed"] += sum(s["correct"] and not s.get("committed") for s in row["samples"])
             bad = [s["text"] for s in row["samples"] if not s["correct"]]
             for g, b in zip(good, bad):
                 candidates.setdefault(row["id"], []).append((g, b, "self-consistency"))
-    stats = {"candidates": sum(map(len, candidates.values())), "duplicates": 0, "too_long": 0, "over_cap": 0}
+    stats["candidates"] = sum(map(len, candidates.values()))
     pairs = []
-    for qid, cands in candidates.items():
+    for qid in sorted(candidates, key=lambda i: order.get(i, len(order))):
         q = byid[qid]
         lang = choose_lang(q.question, recipe.language)
         msgs = question_messages(q.question, q.options, q.multi, lang)
         seen, kept = set(), 0
         prompt_len = (
-            len(tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)) if tokenizer else 0
+            len(tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=False))
+            if tokenizer
+            else 0
         )
-        for chosen, rejected, kind in cands:
+        for chosen, rejected, kind in candidates[qid]:
             if chosen.strip() == rejected.strip() or (chosen, rejected) in seen:
                 stats["duplicates"] += 1
                 continue

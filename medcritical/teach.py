@@ -2,37 +2,46 @@
 
 For every train question a teacher writes a plan and step-by-step reasoning
 (or, with ``backend: dataset``, they are built from the dataset's expert
-explanation). A reply is kept only if it has both sections and its final
-answer equals the key; in hinted mode it must also not reveal that it was told
-the key. Each kept template becomes the SFT target (:func:`render_template`).
+explanation). A reply is kept only if it has both sections (found by structure:
+:func:`~medcritical.prompts.split_template` accepts any heading style) and its
+final answer equals the key; in hinted mode it must also not reveal that it was
+told the key. Each kept template becomes the SFT target
+(:func:`~medcritical.prompts.render_template`); with ``teach.reasoning: keep``
+the teacher's long chain of thought (its ``<think>`` block or the API's
+reasoning field) comes first, in a ``<think>`` block.
 
-Outputs under ``<output_dir>/teach/``:
+Outputs under ``<run>/teach/`` (one step, :mod:`medcritical.steps`):
 
 * ``templates.jsonl`` - one row per kept question (target plus provenance);
 * ``rejected.jsonl`` - one row per rejected question, with every attempt;
-* ``cache/`` - every teacher call (see :class:`medcritical.teachers.ReplyCache`);
-* ``manifest.json`` - config, input hash, counts, versions.
+* ``manifest.json`` - key, counts per outcome, versions.
 
-Rows are appended as verdicts arrive and carry a ``decision_key`` (sha256 of
-the question, its teacher prompt and every setting that can change a
-verdict), so a rerun skips questions already decided under the same settings
-and redoes the rest; unchanged calls then come from the cache for free.
-Questions whose call failed are written nowhere and are retried on rerun.
+Every teacher call is cached in ``<run>/cache/teach`` (or ``teach.cache_dir``),
+outside the step, so a changed recipe that redoes the step pays only for calls
+it has not made before. Rows are appended as verdicts arrive, so a killed run
+resumes; questions whose call failed are written nowhere and retried on rerun.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .artifacts import JsonlLog, atomic_write_text, is_complete, read_manifest, sha256_json, write_manifest
+from .artifacts import JsonlLog, sha256_json
 from .grading import extract_answer, grade
-from .prompts import Lang, choose_lang, render_template, split_template, teacher_messages
+from .layout import RunDir
+from .prompts import (
+    Lang,
+    choose_lang,
+    render_template,
+    split_reasoning,
+    split_template,
+    teacher_messages,
+    with_reasoning,
+)
+from .steps import Step
 from .teachers import TeacherRequest, find_leak
 
 if TYPE_CHECKING:
@@ -43,45 +52,54 @@ if TYPE_CHECKING:
     from .teachers import CachedTeacher
 
 STAGE = "teach"
-OUTCOMES = ("kept", "wrong_answer", "unparseable", "leaked", "no_explanation", "errors")
+OUTCOMES = ("kept", "wrong_answer", "unparseable", "truncated", "leaked", "no_explanation", "errors")
 # A greedy retry would repeat the rejected reply word for word, so retries of a
 # temperature-0 recipe sample at this temperature instead.
 RETRY_TEMPERATURE = 0.7
-# Bumped when dataset_template changes, so its old templates count as stale.
-DATASET_TEMPLATE_VERSION = 1
+# Below this keep rate the stage shows a few rejected replies: a teacher whose format (not its knowledge)
+# is the problem is then seen at once.
+SHOW_REJECTED_BELOW = 0.5
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """What a teacher reply is worth: ``outcome`` is kept, wrong_answer, unparseable or leaked."""
+    """What a teacher reply is worth: ``outcome`` is one of :data:`OUTCOMES` (not errors)."""
 
     outcome: str
     plan: str = ""
     steps: str = ""
+    reasoning: str = ""
     answer: tuple[str, ...] | None = None
     detail: str = ""
 
 
-def judge(reply: str, mcq: MCQ, lang: Lang, hinted: bool) -> Verdict:
-    """Classify a teacher reply (reasoning blocks already stripped).
+def judge(
+    text: str, mcq: MCQ, lang: Lang, hinted: bool, reasoning: str = "", finish_reason: str | None = None
+) -> Verdict:
+    """Classify a teacher reply (``text`` raw, ``<think>`` block included; ``reasoning``: the API's
+    separate reasoning field).
 
-    A leak is checked first: a hinted reply that cites the key is useless
-    whatever else it says. A reply without both sections, or without a final
-    answer the grader can read, is unparseable: it cannot be verified.
+    A leak is checked first, on the whole reply, chain of thought included: a
+    hinted reply that cites the key is useless whatever else it says. The
+    answer part (after the chain of thought) must have the template's two
+    sections and a final answer the grader reads; a reply cut off by the token
+    limit before that is ``truncated``.
     """
+    thought, answer_part = split_reasoning(text, reasoning)
     if hinted:
-        phrase = find_leak(reply)
+        phrase = find_leak(thought + "\n" + answer_part)
         if phrase:
             return Verdict("leaked", detail=phrase)
-    parts = split_template(reply, lang)
+    cut = finish_reason == "length"
+    parts = split_template(answer_part, lang)
     if parts is None:
-        return Verdict("unparseable", detail="no plan and reasoning sections")
-    pred = extract_answer(reply, mcq.options)
+        return Verdict("truncated" if cut else "unparseable", detail="no plan and reasoning sections")
+    pred = extract_answer(answer_part, mcq.options)
     if pred is None:
-        return Verdict("unparseable", detail="no final answer")
+        return Verdict("truncated" if cut else "unparseable", detail="no final answer")
     if not grade(pred, mcq.answer):
         return Verdict("wrong_answer", answer=tuple(sorted(pred)), detail=f"answered {''.join(sorted(pred))}")
-    return Verdict("kept", plan=parts[0], steps=parts[1], answer=tuple(sorted(pred)))
+    return Verdict("kept", plan=parts[0], steps=parts[1], reasoning=thought, answer=tuple(sorted(pred)))
 
 
 def teacher_request(mcq: MCQ, lang: Lang, cfg: TeachCfg, seed: int, attempt: int) -> TeacherRequest:
@@ -100,44 +118,34 @@ def teacher_request(mcq: MCQ, lang: Lang, cfg: TeachCfg, seed: int, attempt: int
     )
 
 
-def stage_config(recipe: Recipe) -> dict[str, Any]:
-    """Everything in the recipe the stage reads (the manifest's ``config``)."""
-    return {"teach": recipe.teach.model_dump(mode="json"), "seed": recipe.seed, "language": recipe.language}
+def step_material(recipe: Recipe, records: list[MCQ]) -> dict[str, Any]:
+    """What decides the templates: the questions and every setting that can change a verdict.
 
+    Concurrency, timeouts, retries and the cache location cannot, so changing
+    them keeps the step complete.
+    """
+    from .data import records_hash
 
-def _verdict_settings(recipe: Recipe) -> dict[str, Any]:
-    """The settings that can change a verdict; concurrency, timeouts, retries,
-    limit and the cache location cannot, so changing them keeps decisions."""
     c = recipe.teach
-    if c.backend == "dataset":
-        return {"backend": "dataset", "version": DATASET_TEMPLATE_VERSION, "language": recipe.language}
-    keep = ("backend", "model", "base_url", "hinted", "temperature", "top_p", "max_tokens", "samples")
-    return {**{k: getattr(c, k) for k in keep}, "seed": recipe.seed, "language": recipe.language}
+    keep = ["backend", "reasoning"]
+    if c.backend != "dataset":
+        keep += ["model", "base_url", "hinted", "temperature", "top_p", "max_tokens", "samples"]
+    prompts = None
+    if c.backend != "dataset" and records:  # the prompt wording is part of what the teacher answers
+        prompts = sha256_json(teacher_request(records[0], "en", c, 0, 0).messages)
+    return {
+        "teach": {k: getattr(c, k) for k in keep},
+        "questions": records_hash(records),
+        "seed": recipe.seed,
+        "language": recipe.language,
+        "prompt": prompts,
+    }
 
 
-def _decision_key(mcq: MCQ, lang: Lang, recipe: Recipe) -> str:
-    prompt = None if recipe.teach.backend == "dataset" else teacher_request(mcq, lang, recipe.teach, recipe.seed, 0)
-    return sha256_json(
-        {"settings": _verdict_settings(recipe), "question": mcq.to_dict(), "prompt": prompt and prompt.messages}
-    )
-
-
-def _fresh_log(path: Path, keys: dict[str, str]) -> JsonlLog:
-    """Open a log and drop rows decided under other settings or for questions
-    no longer selected, so the file always describes the current run."""
-    log = JsonlLog(path)
-    fresh = [row for row in log.values() if keys.get(row["id"]) == row.get("decision_key")]
-    if len(fresh) < len(log):
-        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in fresh))
-        log = JsonlLog(path)
-    return log
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
-
-def _template_row(mcq: MCQ, lang: Lang, plan: str, steps: str, key: str, teacher: dict[str, Any]) -> dict[str, Any]:
+def _template_row(mcq: MCQ, lang: Lang, v: Verdict, keep_reasoning: bool, teacher: dict[str, Any]) -> dict[str, Any]:
+    target = render_template(v.plan, v.steps, mcq.answer, lang)
+    if keep_reasoning:
+        target = with_reasoning(v.reasoning, target)
     return {
         "id": mcq.id,
         "question": mcq.question,
@@ -146,34 +154,29 @@ def _template_row(mcq: MCQ, lang: Lang, plan: str, steps: str, key: str, teacher
         "multi": mcq.multi,
         "lang": lang,
         "source": mcq.source,
-        "plan": plan,
-        "steps": steps,
-        "target": render_template(plan, steps, mcq.answer, lang),
+        "plan": v.plan,
+        "steps": v.steps,
+        "reasoning_chars": len(v.reasoning) if keep_reasoning else 0,
+        "target": target,
         "teacher": teacher,
-        "decision_key": key,
-        "created_at": _now(),
     }
 
 
-def _rejected_row(mcq: MCQ, lang: Lang, reason: str, attempts: list[dict], key: str) -> dict[str, Any]:
+def _rejected_row(mcq: MCQ, lang: Lang, reason: str, attempts: list[dict]) -> dict[str, Any]:
     """``reason`` is the last attempt's outcome; ``attempts`` has every one."""
-    return {
-        "id": mcq.id,
-        "reason": reason,
-        "lang": lang,
-        "attempts": attempts,
-        "decision_key": key,
-        "created_at": _now(),
-    }
+    return {"id": mcq.id, "reason": reason, "lang": lang, "attempts": attempts}
 
 
 class _Tally:
     """Live counts for the progress bar; final counts are re-read from the logs."""
 
-    def __init__(self, progress: Any, task: Any) -> None:
-        self.progress, self.task = progress, task
+    def __init__(self, progress: Any, task: Any, total: int) -> None:
+        from .runtime import Ticker
+
+        self.progress, self.task, self.total = progress, task, total
         self.counts: Counter[str] = Counter()
         self.cached = 0
+        self.tick = Ticker(progress.console, "teach")
 
     def done(self, outcome: str) -> None:
         self.counts[outcome] += 1
@@ -182,11 +185,10 @@ class _Tally:
         if self.counts["errors"]:
             stats += f" [red]errors {self.counts['errors']}[/]"
         self.progress.update(self.task, advance=1, stats=stats + f" cached {self.cached}")
+        self.tick(sum(self.counts.values()), self.total, f"kept {self.counts['kept']} rejected {rejected}")
 
 
-def _teach_dataset(
-    todo: list[MCQ], langs: dict[str, Lang], keys: dict[str, str], logs: tuple[JsonlLog, JsonlLog], tally: _Tally
-) -> None:
+def _teach_dataset(todo: list[MCQ], langs: dict[str, Lang], logs: tuple[JsonlLog, JsonlLog], tally: _Tally) -> None:
     from .teachers import dataset_template
 
     templates, rejected = logs
@@ -194,18 +196,17 @@ def _teach_dataset(
         lang = langs[mcq.id]
         parts = dataset_template(mcq, lang)
         if parts is None:
-            rejected.append(_rejected_row(mcq, lang, "no_explanation", [], keys[mcq.id]))
+            rejected.append(_rejected_row(mcq, lang, "no_explanation", []))
             tally.done("no_explanation")
             continue
-        teacher = {"backend": "dataset", "model": None, "version": DATASET_TEMPLATE_VERSION}
-        templates.append(_template_row(mcq, lang, *parts, keys[mcq.id], teacher))
+        v = Verdict("kept", plan=parts[0], steps=parts[1], answer=mcq.answer)
+        templates.append(_template_row(mcq, lang, v, False, {"backend": "dataset", "model": None}))
         tally.done("kept")
 
 
 def _teach_model(
     todo: list[MCQ],
     langs: dict[str, Lang],
-    keys: dict[str, str],
     logs: tuple[JsonlLog, JsonlLog],
     tally: _Tally,
     recipe: Recipe,
@@ -231,7 +232,7 @@ def _teach_model(
                 errors.append(f"{mcq.id}: {reply.error}")
                 tally.done("errors")
                 continue
-            v = judge(reply.content, mcq, lang, cfg.hinted)
+            v = judge(reply.text, mcq, lang, cfg.hinted, reply.reasoning, reply.finish_reason)
             history[mcq.id].append(
                 {
                     "attempt": attempt,
@@ -253,14 +254,12 @@ def _teach_model(
                     "seed": req.seed,
                     "attempt": attempt,
                     "cache_key": reply.key,
-                    "cached": reply.cached,
                     "finish_reason": reply.finish_reason,
-                    "seconds": round(reply.seconds, 3),
                 }
-                templates.append(_template_row(mcq, lang, v.plan, v.steps, keys[mcq.id], teacher))
+                templates.append(_template_row(mcq, lang, v, cfg.reasoning == "keep", teacher))
                 tally.done("kept")
             elif attempt == cfg.samples - 1:
-                rejected.append(_rejected_row(mcq, lang, v.outcome, history[mcq.id], keys[mcq.id]))
+                rejected.append(_rejected_row(mcq, lang, v.outcome, history[mcq.id]))
                 tally.done(v.outcome)
             else:
                 retry.add(i)
@@ -295,16 +294,35 @@ def _print_table(metrics: dict[str, Any], title: str, console: Console) -> None:
         )
 
 
-def run_teach(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
+def _show_rejected(rejected: JsonlLog, cache_dir: Any, console: Console, n: int = 3) -> None:
+    """A few rejected replies, shortened: whether the teacher's format or its knowledge is the problem."""
+    from rich.markup import escape
+
+    from .teachers import ReplyCache
+
+    cache = ReplyCache(cache_dir)
+    shown = 0
+    for row in rejected.values():
+        last = row["attempts"][-1] if row["attempts"] else None
+        reply = cache.get(last["cache_key"]) if last and last.get("cache_key") else None
+        if reply is None:
+            continue
+        text = " ".join(reply.text.split())
+        short = text if len(text) <= 400 else text[:250] + " [...] " + text[-140:]
+        console.print(f"[yellow]rejected ({row['reason']}: {last['detail']})[/] {row['id']}: {escape(short)}")
+        shown += 1
+        if shown == n:
+            break
+
+
+def run(recipe: Recipe, run_dir: RunDir, console: Console) -> dict[str, Any]:
     """Run (or resume) the teach stage; return its metrics (also in the manifest).
 
-    Metrics: ``questions``; the outcome counts kept, wrong_answer, unparseable,
-    leaked, no_explanation (over all selected questions, resumed ones
-    included) and errors (questions whose call failed in this run; they stay
-    undecided); ``teacher_calls`` and ``cache_hits`` for this run; ``keep_rate``;
-    ``seconds``. With errors the manifest's status is ``incomplete``.
+    Metrics: ``questions``; the outcome counts (:data:`OUTCOMES`; errors are
+    questions whose call failed in this run: they stay undecided); ``teacher_calls``
+    and ``cache_hits`` for this run; ``keep_rate``; ``seconds``. With errors the
+    step stays partial and the stage fails, so the next run retries them.
     """
-    from rich.console import Console
     from rich.markup import escape
     from rich.progress import (
         BarColumn,
@@ -315,37 +333,32 @@ def run_teach(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
         TimeRemainingColumn,
     )
 
-    from .data import load_recipe_data, records_hash
+    from .data import load_recipe_data
+    from .errors import UserError
 
-    console = console or Console(stderr=True)
     cfg = recipe.teach
-    stage_dir = Path(recipe.output_dir) / STAGE
     records = load_recipe_data(recipe.data, split="train", console=console)[: cfg.limit]
-    config, inputs = stage_config(recipe), {"train": records_hash(records)}
-    if is_complete(stage_dir, config, inputs):
-        console.print(f"teach: {stage_dir} is up to date", highlight=False)
-        return (read_manifest(stage_dir) or {})["metrics"]
+    step = Step("teach", run_dir.teach, step_material(recipe, records), stale_root=run_dir.stale, label="teach")
+    if step.begin(console) == "complete":
+        console.print(f"teach: up to date ({run_dir.templates})", highlight=False)
+        return step.metrics()
 
     start = time.monotonic()
-    # Until this run ends, the stage's files describe no finished run.
-    write_manifest(stage_dir, STAGE, config, inputs, status="running")
     langs = {m.id: choose_lang(m.question, recipe.language) for m in records}
-    keys = {m.id: _decision_key(m, langs[m.id], recipe) for m in records}
-    templates = _fresh_log(stage_dir / "templates.jsonl", keys)
-    rejected = _fresh_log(stage_dir / "rejected.jsonl", keys)
+    templates, rejected = JsonlLog(run_dir.templates), JsonlLog(run_dir.rejected)
     todo = [m for m in records if m.id not in templates and m.id not in rejected]
     if len(todo) < len(records):
         console.print(
             f"teach: resuming, {len(records) - len(todo)} of {len(records)} questions already decided", highlight=False
         )
-
+    cache_dir = cfg.cache_dir or run_dir.teacher_cache
     cached = None
     if todo and cfg.backend != "dataset":
         from .teachers import CachedTeacher, ReplyCache, make_teacher
 
         with console.status(f"opening teacher {cfg.backend} {cfg.model}..."):
             teacher = make_teacher(cfg, seed=recipe.seed)
-        cached = CachedTeacher(teacher, ReplyCache(Path(cfg.cache_dir) if cfg.cache_dir else stage_dir / "cache"))
+        cached = CachedTeacher(teacher, ReplyCache(cache_dir))
 
     errors: list[str] = []
     columns = (
@@ -357,11 +370,11 @@ def run_teach(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=console) as progress:
-        tally = _Tally(progress, progress.add_task("teach", total=len(todo), stats=""))
+        tally = _Tally(progress, progress.add_task("teach", total=len(todo), stats=""), len(todo))
         if cached is None:
-            _teach_dataset(todo, langs, keys, (templates, rejected), tally)
+            _teach_dataset(todo, langs, (templates, rejected), tally)
         else:
-            errors = _teach_model(todo, langs, keys, (templates, rejected), tally, recipe, cached)
+            errors = _teach_model(todo, langs, (templates, rejected), tally, recipe, cached)
 
     metrics: dict[str, Any] = {"questions": len(records), **_counts(records, templates, rejected, len(errors))}
     metrics.update(
@@ -369,40 +382,20 @@ def run_teach(recipe: Recipe, console: Console | None = None) -> dict[str, Any]:
         teacher_calls=cached.calls if cached else 0,
         cache_hits=cached.hits if cached else 0,
         seconds=round(time.monotonic() - start, 2),
-    )
-    if errors:
-        metrics["error_examples"] = errors[:3]
-        console.print(
-            f"[red]teach: {len(errors)} questions failed ({escape(errors[0])}); rerun to retry them", highlight=False
-        )
-    write_manifest(
-        stage_dir,
-        STAGE,
-        config,
-        inputs,
-        metrics,
-        status="incomplete" if errors else "complete",
-        outputs={"templates": "templates.jsonl", "rejected": "rejected.jsonl"},
+        with_reasoning=sum(r.get("reasoning_chars", 0) > 0 for r in templates.values()),
     )
     _print_table(metrics, f"teach: {cfg.backend}" + (f" {cfg.model}" if cfg.model else ""), console)
+    if cfg.backend != "dataset" and records and metrics["kept"] < SHOW_REJECTED_BELOW * len(records):
+        console.print(
+            f"[yellow]teach: only {metrics['kept']} of {len(records)} replies kept; a few rejected ones "
+            "(if they are fine answers in another layout, the teacher's format is the problem):[/]"
+        )
+        _show_rejected(rejected, cache_dir, console)
+    if cfg.reasoning == "keep" and metrics["kept"] and not metrics["with_reasoning"]:
+        console.print("[yellow]teach.reasoning is keep, but no kept reply had a chain of thought to keep[/]")
+    if errors:
+        metrics["error_examples"] = errors[:3]
+        step.progress(metrics, {})
+        raise UserError(f"teach: {len(errors)} teacher calls failed ({escape(errors[0])}); run again to retry them")
+    step.done(metrics, outputs=["templates.jsonl", "rejected.jsonl"])
     return metrics
-
-
-def _cmd_teach(args: argparse.Namespace) -> int:
-    from .cli import _recipe, err_console, out_console
-
-    recipe = _recipe(args)
-    run_teach(recipe, console=err_console)
-    out_console.print(
-        f"templates: {Path(recipe.output_dir) / STAGE / 'templates.jsonl'}", highlight=False, soft_wrap=True
-    )
-    return 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``medcritical teach RECIPE [key.sub=value ...]``."""
-    from .cli import _add_recipe
-
-    p = sub.add_parser("teach", help="write verified chain-of-thought templates for the train questions")
-    _add_recipe(p)
-    p.set_defaults(func=_cmd_teach)

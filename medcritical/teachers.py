@@ -22,7 +22,6 @@ Nothing heavy (openai, torch, llama_cpp) is imported at import time.
 from __future__ import annotations
 
 import os
-import random
 import re
 import time
 from collections.abc import Iterator, Sequence
@@ -44,9 +43,6 @@ Messages = list[dict[str, str]]
 
 # Bumped when the meaning of a cached reply changes, so old entries stop matching.
 CACHE_VERSION = 1
-# HTTP statuses worth retrying: timeouts, conflicts, rate limits; 5xx are added in code.
-RETRYABLE_STATUS = {408, 409, 429}
-MAX_BACKOFF_S = 60.0
 # Room for the prompt on top of max_tokens when sizing a local GGUF's context.
 PROMPT_ROOM_TOKENS = 2048
 
@@ -76,25 +72,11 @@ class TeacherReply:
     cached: bool = False
     key: str = ""
 
-    @property
-    def content(self) -> str:
-        """The reply without ``<think>`` reasoning: the part that is parsed and trained on."""
-        return strip_reasoning(self.text)
+    def split(self) -> tuple[str, str]:
+        """(the reasoning model's chain of thought, the reply after it): :func:`~medcritical.prompts.split_reasoning`."""
+        from .prompts import split_reasoning
 
-
-def strip_reasoning(text: str) -> str:
-    """Drop ``<think>...</think>`` blocks from a reasoning model's reply.
-
-    QwQ's chat template opens ``<think>`` inside the prompt, so its replies
-    often carry only the closing tag: everything up to the last ``</think>`` is
-    reasoning. A ``<think>`` that never closes means the reply was cut off while
-    thinking, so nothing after it is an answer.
-    """
-    if "</think>" in text:
-        text = text.rsplit("</think>", 1)[1]
-    elif "<think>" in text:
-        text = text.split("<think>", 1)[0]
-    return text.strip()
+        return split_reasoning(self.text, self.reasoning)
 
 
 class Teacher(Protocol):
@@ -113,8 +95,8 @@ class Teacher(Protocol):
 class OpenAITeacher:
     """A chat-completions endpoint, ``concurrency`` calls in flight at once.
 
-    The SDK's own retries are off (``max_retries=0``) so that one policy, ours,
-    applies: connection errors, timeouts, 408/409/429 and 5xx are retried with
+    The retry policy is the served engines' (:func:`medcritical.served.call_with_retries`):
+    connection errors, timeouts, 408/409/429 and 5xx are retried with
     exponential backoff and jitter (honouring ``Retry-After``); any other 4xx is
     a setup mistake (wrong key, model or URL) and raises :class:`UserError` at
     once. A server that stays unreachable after every retry also raises, since
@@ -134,15 +116,14 @@ class OpenAITeacher:
         retries: int = 4,
         backoff: float = 1.0,
     ) -> None:
-        from openai import OpenAI
+        from .served import openai_client
 
         self.base_url = base_url
         self.model = model
         self.concurrency = concurrency
         self.retries = retries
         self.backoff = backoff
-        # Local servers (vLLM, llama.cpp) accept any key, but the SDK insists on one.
-        self.client = OpenAI(base_url=base_url, api_key=api_key or "EMPTY", timeout=timeout, max_retries=0)
+        self.client = openai_client(base_url, api_key, timeout)
 
     def complete(self, requests: Sequence[TeacherRequest]) -> Iterator[tuple[int, TeacherReply]]:
         from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -159,58 +140,27 @@ class OpenAITeacher:
 
     def call(self, req: TeacherRequest) -> TeacherReply:
         """One request with retries; raises :class:`UserError` on a setup mistake."""
-        import openai
+        from .served import CallFailed, call_with_retries
 
         start = time.monotonic()
-        failure, unreachable = "", False
-        for attempt in range(self.retries + 1):
-            retry_after = None
-            try:
-                resp = self.client.chat.completions.create(
+        where = f"teacher API {self.base_url}"
+        try:
+            resp = call_with_retries(
+                lambda: self.client.chat.completions.create(
                     model=self.model,
                     messages=req.messages,  # type: ignore[arg-type]
                     temperature=req.temperature,
                     top_p=req.top_p,
                     max_tokens=req.max_tokens,
                     seed=req.seed,
-                )
-            except openai.APIStatusError as e:
-                if e.status_code < 500 and e.status_code not in RETRYABLE_STATUS:
-                    where = f"teacher API {self.base_url}: HTTP {e.status_code} for model {self.model!r}"
-                    raise UserError(f"{where}: {_short(e.message)}") from None
-                failure, unreachable = f"HTTP {e.status_code}", False
-                retry_after = _retry_after(e.response.headers.get("retry-after"))
-            except openai.APITimeoutError:
-                failure, unreachable = "timed out", False
-            except openai.APIConnectionError as e:
-                failure, unreachable = f"connection failed ({_short(str(e.__cause__ or e))})", True
-            else:
-                return _reply_of(resp, time.monotonic() - start)
-            if attempt < self.retries:
-                time.sleep(self._delay(attempt, retry_after))
-        if unreachable:
-            raise UserError(
-                f"teacher API {self.base_url}: {failure} after {self.retries + 1} tries; is the server running?"
-            )
-        return TeacherReply(error=f"{failure} after {self.retries + 1} tries", seconds=time.monotonic() - start)
-
-    def _delay(self, attempt: int, retry_after: float | None) -> float:
-        # Jitter spreads the retries of concurrent workers so they do not hit a
-        # recovering server in lockstep.
-        delay = min(MAX_BACKOFF_S, self.backoff * 2**attempt) * random.uniform(0.5, 1.5)
-        return max(delay, min(retry_after, MAX_BACKOFF_S)) if retry_after else delay
-
-
-def _short(text: str, limit: int = 200) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _retry_after(value: str | None) -> float | None:
-    try:
-        return float(value) if value else None
-    except ValueError:  # an HTTP date instead of seconds: fall back to our own backoff
-        return None
+                ),
+                retries=self.retries, backoff=self.backoff, where=where, model=self.model,
+            )  # fmt: skip
+        except CallFailed as e:
+            if e.unreachable:
+                raise UserError(f"{where}: {e.failure} after {e.tries} tries; is the server running?") from None
+            return TeacherReply(error=f"{e.failure} after {e.tries} tries", seconds=time.monotonic() - start)
+        return _reply_of(resp, time.monotonic() - start)
 
 
 def _reply_of(resp: Any, seconds: float) -> TeacherReply:

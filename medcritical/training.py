@@ -25,6 +25,29 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .artifacts import atomic_dir, atomic_write_text
 from .recipe import TrainCfg
+from .runtime import Ticker
+
+
+def main_process_begin(step: Any, console: Console) -> str:
+    """:meth:`Step.begin` on the main process only, the others waiting for it.
+
+    Under ``accelerate launch`` every rank runs the stage: one of them moves a
+    stale directory aside and writes the manifest, then all of them look for a
+    checkpoint to resume from. Returns the step's state (``complete``, ``resume``, ``new``).
+    """
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return step.begin(console)
+    import torch
+    from accelerate import PartialState
+
+    # cpu=True without CUDA, as the Trainer will (``trainer_args``' use_cpu): otherwise accelerate finds no
+    # distributed setup on a CPU-only machine and every process takes itself for the main one.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    outcome = step.begin(console) if state.is_main_process else None
+    state.wait_for_everyone()
+    return outcome or ("complete" if step.complete else "resume")
 
 
 def trainer_args(train: TrainCfg, out_dir: Path, seed: int, dtype: Any) -> dict[str, Any]:
@@ -70,6 +93,9 @@ def kit_trainer(trainer_cls: type) -> type:
       middle of a later epoch would replay another order than the interrupted
       one (some examples twice, some never). accelerate seeds the default
       random sampler with ``seed + epoch``; the sampler here does the same.
+      Its groups are cut for the global batch (all processes), so data-parallel
+      runs train on the same examples per step as one process would
+      (``tests/test_accelerate.py``).
     * On resume the Trainer reloads the adapter with peft's ``load_adapter``,
       which upcasts it to float32 where TRL keeps QLoRA adapters in bfloat16
       (the dtypes from before loading are put back), and which, when a
@@ -102,7 +128,10 @@ def kit_trainer(trainer_cls: type) -> type:
             ):
                 return super()._get_train_sampler(train_dataset)
             seed = self.args.seed if self.args.data_seed is None else self.args.data_seed
-            size = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            # Groups the size of one optimizer step's whole batch, over every process: under `accelerate
+            # launch` each process then takes its micro-batches from the same sequence in turn, so a step
+            # trains on the examples it would on one process with the same effective batch.
+            size = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
             return SeededLengthGroupedSampler(size, [len(x) for x in ds["input_ids"]], seed)
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
@@ -161,10 +190,12 @@ def progress_callback(console: Console, label: str) -> Any:
             )
             self.prog.start()
             self.task = self.prog.add_task(label, total=state.max_steps, completed=state.global_step, loss="")
+            self.tick = Ticker(console, label)
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
                 self.prog.update(self.task, loss=f"loss {logs['loss']:.4f}")
+                self.tick(state.global_step, state.max_steps, f"loss {logs['loss']:.4f}")
 
         def on_step_end(self, args, state, control, **kw):
             self.prog.update(self.task, completed=state.global_step)
@@ -183,6 +214,20 @@ def peak_memory_mb() -> float:
         return torch.cuda.max_memory_allocated() / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+def canonical_adapter_config(path: Path) -> None:
+    """Rewrite peft's ``adapter_config.json`` with its lists in a fixed order.
+
+    peft keeps ``target_modules`` as a set, so the file lists them in an order
+    that changes from process to process (string hashing is salted): the same
+    adapter would hash differently, and every step keyed by it would be redone.
+    """
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    for key in ("target_modules", "modules_to_save", "exclude_modules"):
+        if isinstance(cfg.get(key), list):
+            cfg[key] = sorted(cfg[key])
+    atomic_write_text(path, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def train_and_save(trainer: Any, out_dir: Path, adapter_dir: Path, tokenizer: Any) -> dict[str, Any]:
@@ -205,6 +250,7 @@ def train_and_save(trainer: Any, out_dir: Path, adapter_dir: Path, tokenizer: An
             # DPO adds a frozen "ref" copy of the adapter; only the trained one is the policy.
             names = [n for n in getattr(trainer.model, "peft_config", {}) if n != "ref"] or None
             trainer.model.save_pretrained(tmp, safe_serialization=True, selected_adapters=names)
+            canonical_adapter_config(tmp / "adapter_config.json")
             tokenizer.save_pretrained(tmp)
         atomic_write_text(out_dir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))
     trainer.accelerator.wait_for_everyone()

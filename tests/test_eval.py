@@ -27,8 +27,12 @@ def test_eval_tiny_model_transformers_generate_and_resume(tiny_llama: Path, tmp_
     before = (out / "predictions.jsonl").read_text()
     assert main(args) == 0
     assert (out / "predictions.jsonl").read_text() == before
-    # Other settings into the same directory are refused, not mixed in.
-    assert main(args[:-2] + ["--temperature", "0.7", "--output", str(out)]) == 1
+    # Other settings into the same directory are never mixed in: the old evaluation is moved aside.
+    assert main(args[:-2] + ["--max-new-tokens", "4", "--output", str(out)]) == 0
+    assert "moved it to" in capsys.readouterr().err
+    assert list((tmp_path / ".stale").rglob("predictions.jsonl"))
+    rows = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and json.loads((out / "manifest.json").read_text())["material"]["max_new_tokens"] == 4
 
 
 def test_eval_loglik_4bit(tiny_llama: Path, tmp_path: Path):

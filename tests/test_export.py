@@ -1,4 +1,4 @@
-"""Export end to end on tiny real models: merge -> GGUF -> quantize -> parity, chat, serve.
+"""Export end to end on tiny real models: merge -> GGUF -> quantize -> stamp -> parity (chat, serve: test_serve.py).
 
 Everything is real: peft adapters with random non-zero B, llama.cpp's converter
 in its isolated directory, llama.cpp quantization and inference. Each tiny
@@ -8,16 +8,8 @@ runs on one thread here, which is faster for such small graphs.
 
 from __future__ import annotations
 
-import io
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -27,7 +19,6 @@ from medcritical.errors import UserError
 from medcritical.models import random_lora
 from medcritical.recipe import LoraCfg
 
-ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -56,9 +47,16 @@ def export_args(base: Path, adapter: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
+def merged_dir(out: Path) -> Path:
+    """The merged weights of the one build under ``out/policies``."""
+    (d,) = [p for p in (out / "policies").glob("*/merged")]
+    return d
+
+
 @pytest.fixture(scope="module")
 def exports(tiny_llama: Path, tiny_qwen2: Path, tmp_path_factory: pytest.TempPathFactory):
-    """Export each tiny architecture once through the CLI; {arch: (base, adapter, out, rc)}."""
+    """Export each tiny architecture once through the CLI (``--out`` is a run directory of its own; the
+    GGUFs are in ``out/export``); {arch: (base, adapter, out, rc)}."""
     done = {}
     for arch, base in (("llama", tiny_llama), ("qwen2", tiny_qwen2)):
         work = tmp_path_factory.mktemp(f"export-{arch}")
@@ -75,16 +73,21 @@ def test_export_passes_parity(exports, arch: str, pre: str) -> None:
     from export.gguf import gguf_metadata, hf_chat_template
     from medcritical.artifacts import read_json, read_manifest
 
-    base, adapter, out, rc = exports[arch]
+    base, adapter, run, rc = exports[arch]
     assert rc == 0
+    out = run / "export"
     report = read_json(out / "report.json")
     assert report["gate"]["passed"] and report["questions"] == 3
     assert set(report["models"]) == {"f16", "q8_0", "q4_k_m"}
     for kind, s in report["models"].items():
         assert s["render_identical"] == s["tokens_identical"] == s["n"] == 3, kind
-        keys = ("rel_error_max", "top1_agreement", "tf_answer_agreement", "tf_top1_agreement", "answer_agreement")
-        for key in (*keys, "greedy_identical"):
+        keys = ("rel_error_max", "top1_agreement", "tf_answer_agreement", "tf_top1_agreement", "parse_rate_hf")
+        for key in (*keys, "greedy_identical", "answered_both", "parse_rate_gguf"):
             assert s[key] is not None, (kind, key)
+        # Agreement counts only questions both sides answered: two unparsable replies are not agreement.
+        both = [r for r in report["rows"][kind] if r["answer_hf"] is not None and r["answer_gguf"] is not None]
+        assert s["answered_both"] == len(both)
+        assert s["answer_agreement"] == (sum(r["answer_same"] for r in both) / len(both) if both else None)
         assert s["tf_scored"] == 3 and 0 <= s["tf_in_reply"] <= 3
         assert 0 <= s["tf_top1_min"] <= s["tf_top1_agreement"] <= 1
     f16 = report["models"]["f16"]
@@ -93,57 +96,57 @@ def test_export_passes_parity(exports, arch: str, pre: str) -> None:
         assert row["tf_answer_hf"] in "ABCDE" and row["tf_positions"] == 13  # prompt end + 12 reply tokens
     assert report["criterion"]["model"] == "q8_0" and report["criterion"]["metric"] == "tf_answer_agreement"
     md = (out / "report.md").read_text()
-    assert "| tiny-q4_k_m.gguf |" in md and "TF answer agree" in md and "Answer criterion (issue #5)" in md
+    assert "| tiny-q4_k_m.gguf |" in md and "TF answer agree" in md and "Answer criterion" in md
     # The merge is exact in float32 and changed the weights.
     assert report["merge"]["rel_error"] < 1e-4
     name = "model.layers.0.self_attn.q_proj.weight"
-    with safe_open(base / "model.safetensors", "pt") as a, safe_open(out / "merged" / "model.safetensors", "pt") as b:
+    merged = merged_dir(run)
+    with safe_open(base / "model.safetensors", "pt") as a, safe_open(merged / "model.safetensors", "pt") as b:
         assert (a.get_tensor(name) - b.get_tensor(name)).abs().max() > 1e-3
     # The GGUF is the right architecture, with llama.cpp's matching pre-tokenizer and the chat template.
     meta = gguf_metadata(out / "tiny-f16.gguf")
     assert meta["general.architecture"] == arch
     assert meta["tokenizer.ggml.pre"] == pre
-    assert meta["tokenizer.chat_template"] == hf_chat_template(out / "merged")
-    modelfile = (out / "tiny-q4_k_m.Modelfile").read_text()
-    assert "FROM ./tiny-q4_k_m.gguf" in modelfile and "{{ .Role }}" in modelfile
-    assert 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert meta["tokenizer.chat_template"] == hf_chat_template(merged)
+    # Provenance travels in the file: an adapter exported by hand is round -1, with its hash.
+    from medcritical.artifacts import sha256_tree
+
+    assert meta["medcritical.round"] == "-1" and meta["medcritical.adapter_sha256"] == sha256_tree(adapter)
+    assert meta["medcritical.quant"] == "f16" and "medcritical.system_prompt.en" in meta
     manifest = read_manifest(out)
     assert manifest["status"] == "complete"
-    assert {"merge", "convert", "quantize:q8_0", "quantize:q4_k_m", "parity"} <= set(manifest["steps"])
+    assert set(manifest["outputs"]) == {
+        "tiny-f16.gguf",
+        "tiny-q8_0.gguf",
+        "tiny-q4_k_m.gguf",
+        "report.json",
+        "report.md",
+    }
 
 
 def test_rerun_skips_and_failed_gate_exits_nonzero(exports, capsys) -> None:
     from medcritical.artifacts import read_json, read_manifest
 
-    base, adapter, out, _ = exports["llama"]
-    ggufs = sorted(out.glob("*.gguf"))
-    mtimes = [p.stat().st_mtime_ns for p in ggufs]
+    base, adapter, run, _ = exports["llama"]
+    out = run / "export"
+    builds = sorted((run / "policies").glob("*/*.gguf"))
+    mtimes = [p.stat().st_mtime_ns for p in builds]
     capsys.readouterr()
-    assert main(export_args(base, adapter, out)) == 0
-    assert (
-        " ".join(capsys.readouterr().err.split()).count("up to date, skipped") == 5
-    )  # merge, convert, 2 quants, parity
-    # An impossible threshold: the rerun redoes only parity, writes the report, and fails loudly.
-    assert main(export_args(base, adapter, out, "export.f16_max_rel_error=1e-9")) == 1
-    assert "parity gate failed" in " ".join(capsys.readouterr().err.split())
-    assert [p.stat().st_mtime_ns for p in ggufs] == mtimes
+    assert main(export_args(base, adapter, run)) == 0
+    assert "export: up to date" in " ".join(capsys.readouterr().err.split())
+    # An impossible threshold: the export is redone from the cached build (nothing merged, converted or
+    # quantized again), writes its report, and fails loudly.
+    assert main(export_args(base, adapter, run, "export.f16_max_rel_error=1e-9")) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "parity gate failed" in err and "moved it to" in err
+    assert [p.stat().st_mtime_ns for p in builds] == mtimes
     report = read_json(out / "report.json")
     assert not report["gate"]["passed"] and "relative logit error" in report["gate"]["failures"][0]
     assert "FAILED" in (out / "report.md").read_text()
-    assert read_manifest(out)["status"] == "failed"
-    assert main(export_args(base, adapter, out)) == 0
+    assert read_manifest(out)["status"] == "running"  # not complete: a rerun tries again
+    assert main(export_args(base, adapter, run)) == 0
     assert read_manifest(out)["status"] == "complete"
-
-
-def test_recipe_mode_exports_the_last_stage(exports, capsys) -> None:
-    """``medcritical export key=value ...`` finds <output_dir>/sft/adapter; identical inputs skip every step."""
-    base, adapter, out, _ = exports["llama"]
-    run = out.parent  # the export went to <run>/export, as recipe mode does
-    shutil.copytree(adapter, run / "sft" / "adapter")
-    args = ["export", f"model.name_or_path={base}", f"output_dir={run}", "export.parity_questions=3"]
-    capsys.readouterr()
-    assert main([*args, "--name", "tiny", "--max-new-tokens", "12", "--threads", "1"]) == 0
-    assert " ".join(capsys.readouterr().err.split()).count("up to date, skipped") == 5
+    assert [p.stat().st_mtime_ns for p in builds] == mtimes
 
 
 def test_wrong_pairing_fails_the_gate(exports, tiny_llama: Path, tmp_path: Path) -> None:
@@ -155,14 +158,14 @@ def test_wrong_pairing_fails_the_gate(exports, tiny_llama: Path, tmp_path: Path)
     from medcritical.data import load_recipe_data
     from medcritical.recipe import Recipe
 
-    _, _, out, _ = exports["llama"]
+    _, _, run, _ = exports["llama"]
     wrong = tmp_path / "base-f16.gguf"
     base = merge_adapters(tiny_llama, [], tmp_path / "base")  # no adapter: the base as it is
     assert base.rel_error is None and not base.tokenizer_fixed
     convert(base.path, wrong)
     records = load_recipe_data(Recipe().data, split="dev")[:2]
     with pytest.raises(UserError, match="parity gate failed.*relative logit error"):
-        run_parity(out / "merged", {"f16": wrong}, records, tmp_path, max_new_tokens=4, n_threads=1)
+        run_parity(merged_dir(run), {"f16": wrong}, records, tmp_path, max_new_tokens=4, n_threads=1)
     f16 = read_json(tmp_path / "report.json")["models"]["f16"]
     assert f16["tokens_identical"] == 2 and f16["rel_error_max"] > 1e-2
 
@@ -292,8 +295,8 @@ def test_teacher_forced_logits_match_step_by_step(exports) -> None:
     from export.parity import _eval_logits
     from medcritical.engines import LlamaCppEngine
 
-    _, _, out, _ = exports["llama"]
-    engine = LlamaCppEngine(out / "tiny-q8_0.gguf", n_ctx=512, n_threads=1)
+    _, _, run, _ = exports["llama"]
+    engine = LlamaCppEngine(run / "export" / "tiny-q8_0.gguf", n_ctx=512, n_threads=1)
     ids = engine.tokenize(engine.render([{"role": "user", "content": "Which marker rises first? A. CK-MB B. cTnI"}]))
     first = len(ids) - 6
     head, top1 = _eval_logits(engine.llm, ids, first)
@@ -312,8 +315,8 @@ def test_converter_template_is_fixed_when_it_disagrees(exports, tmp_path: Path) 
 
     from export.gguf import convert
 
-    _, _, out, _ = exports["llama"]
-    model = shutil.copytree(out / "merged", tmp_path / "model")
+    _, _, run, _ = exports["llama"]
+    model = shutil.copytree(merged_dir(run), tmp_path / "model")
     cfg = json.loads((model / "tokenizer_config.json").read_text())
     cfg["chat_template"] = "{{ messages[0]['content'] }}"  # stale
     (model / "tokenizer_config.json").write_text(json.dumps(cfg))
@@ -330,139 +333,33 @@ def test_dequantized4bit_merge(tiny_llama: Path, tmp_path: Path) -> None:
     adapter = make_lora(tiny_llama, tmp_path / "adapter")
     full = merge_adapters(tiny_llama, [adapter], tmp_path / "base16")
     nf4 = merge_adapters(tiny_llama, [adapter], tmp_path / "nf4", merge_into="dequantized4bit")
-    assert full.rel_error < 1e-4 and nf4.rel_error < 1e-4 and not nf4.skipped
+    assert full.rel_error < 1e-4 and nf4.rel_error < 1e-4
     assert "quantization_config" not in json.loads((nf4.path / "config.json").read_text())
     name = "model.layers.0.mlp.up_proj.weight"
     with safe_open(full.path / "model.safetensors", "pt") as a, safe_open(nf4.path / "model.safetensors", "pt") as b:
         w, q = a.get_tensor(name), b.get_tensor(name)
     rel = float((w - q).abs().max() / w.abs().max())
     assert 1e-4 < rel < 0.5  # NF4 rounding is carried into the merged weights
-    assert merge_adapters(tiny_llama, [adapter], tmp_path / "nf4", merge_into="dequantized4bit").skipped
 
 
-def test_chat_streams_tokens(exports) -> None:
-    from rich.console import Console
+def test_one_build_per_policy_key(tiny_llama: Path, tmp_path: Path) -> None:
+    """The rounds' q8_0 build (no intermediates) and the export's full build of the same policy share one
+    directory: the export adds only what is missing."""
+    from export.build import build_gguf, gguf_name
 
-    from export.chat import chat
-
-    class Recorder(io.StringIO):
-        def __init__(self) -> None:
-            super().__init__()
-            self.writes: list[str] = []
-
-        def write(self, s: str) -> int:
-            self.writes.append(s)
-            return super().write(s)
-
-    _, _, out, _ = exports["llama"]
-    rec = Recorder()
-    stdin = io.StringIO("Hello there\n/reset\nWhat is aspirin?\n/exit\nnever read\n")
-    assert chat(out / "tiny-q4_k_m.gguf", stdin=stdin, max_tokens=6, console=Console(file=rec, width=200)) == 0
-    text = rec.getvalue()
-    assert text.count("model>") == 2 and "conversation cleared" in text and "never read" not in text
-    start = next(i for i, w in enumerate(rec.writes) if "model>" in w)
-    end = next(i for i, w in enumerate(rec.writes) if i > start and "you>" in w)
-    assert end - start - 1 > 2  # the reply arrived token by token, then a newline
-
-
-def test_chat_command_reads_stdin(exports, monkeypatch, capsys) -> None:
-    _, _, out, _ = exports["qwen2"]
-    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n/exit\n"))
-    assert main(["chat", str(out / "tiny-q8_0.gguf"), "--max-tokens", "4", "--system", "en"]) == 0
-    assert "model>" in capsys.readouterr().out
-
-
-def test_chat_and_serve_do_not_import_torch(exports) -> None:
-    _, _, out, _ = exports["llama"]
-    code = (
-        "import io, json, sys\n"
-        "from medcritical import cli\n"
-        "sys.stdin = io.StringIO('hi\\n/exit\\n')\n"
-        f"rc = cli.main(['chat', {str(out / 'tiny-q4_k_m.gguf')!r}, '--max-tokens', '3'])\n"
-        "from export.serve import create_server_app\n"
-        f"create_server_app({str(out / 'tiny-q4_k_m.gguf')!r}, n_ctx=512)\n"
-        "heavy = [m for m in ('torch', 'transformers', 'trl', 'bitsandbytes', 'peft') if m in sys.modules]\n"
-        "print(json.dumps({'rc': rc, 'heavy': heavy}))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"rc": 0, "heavy": []}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _request(url: str, body: dict | None = None, key: str | None = None) -> tuple[int, dict]:
-    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, {}
-
-
-def test_serve_answers_openai_requests(exports) -> None:
-    _, _, out, _ = exports["qwen2"]
-    port = _free_port()
-    env = dict(os.environ, MEDCRITICAL_API_KEY="s3cret")
-    args = ["serve", str(out / "tiny-q4_k_m.gguf"), "--port", str(port), "--n-ctx", "512"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "medcritical", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else "server exited"
-            try:
-                status, models = _request(f"{base}/models", key="s3cret")
-                break
-            except (urllib.error.URLError, ConnectionError):
-                assert time.monotonic() < deadline, "server did not come up in 90 s"
-                time.sleep(0.5)
-        assert status == 200 and models["data"][0]["id"] == "tiny-q4_k_m"
-        body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 5, "temperature": 0}
-        status, reply = _request(f"{base}/chat/completions", body, key="s3cret")
-        assert status == 200
-        assert reply["choices"][0]["message"]["role"] == "assistant"
-        assert reply["usage"]["completion_tokens"] >= 1
-        assert _request(f"{base}/chat/completions", body)[0] == 401  # no key
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def test_final_adapter_picks_the_last_complete_stage(tmp_path: Path) -> None:
-    from export.cli import final_adapter
-    from medcritical.artifacts import write_manifest
-
-    def adapter(d: Path, status: str | None) -> Path:
-        d.mkdir(parents=True)
-        (d / "adapter_config.json").write_text("{}")
-        if status:
-            write_manifest(d, "x", {}, {}, status=status)
-        return d
-
-    assert final_adapter(tmp_path) is None
-    sft = adapter(tmp_path / "sft" / "adapter", None)
-    assert final_adapter(tmp_path) == sft
-    r2 = adapter(tmp_path / "rounds" / "round-2" / "adapter", "complete")
-    adapter(tmp_path / "rounds" / "round-10" / "adapter", "running")  # interrupted: not exported
-    assert final_adapter(tmp_path) == r2
+    adapter = make_lora(tiny_llama, tmp_path / "adapter")
+    cache = tmp_path / "policies"
+    r = build_gguf(str(tiny_llama), adapter, cache, ["q8_0"], keep_intermediate=False)
+    assert r.merged is None and not (r.dir / gguf_name("f16")).exists() and r.built == ["merged", "f16", "q8_0"]
+    q8 = r.files["q8_0"].stat().st_mtime_ns
+    e = build_gguf(str(tiny_llama), adapter, cache, ["f16", "q8_0", "q4_k_m"], keep_intermediate=True)
+    assert e.dir == r.dir and e.files["q8_0"].stat().st_mtime_ns == q8  # q8_0 not made again
+    assert set(e.built) == {"merged", "f16", "q4_k_m"} and e.merged is not None
+    assert e.hashes["q8_0"] == r.hashes["q8_0"]
+    again = build_gguf(str(tiny_llama), adapter, cache, ["f16", "q8_0", "q4_k_m"], keep_intermediate=True)
+    assert again.built == [] and again.hashes == e.hashes
+    other = build_gguf(str(tiny_llama), None, cache, ["q8_0"], keep_intermediate=False)
+    assert other.dir != e.dir  # another policy, another key
 
 
 def test_missing_converter_says_how_to_install(tmp_path: Path, monkeypatch) -> None:
@@ -476,16 +373,13 @@ def test_missing_converter_says_how_to_install(tmp_path: Path, monkeypatch) -> N
 @pytest.mark.slow
 def test_default_model_export(tmp_path: Path) -> None:
     """The embedded SmolLM2-135M-Instruct with a small random LoRA, on the demo dev split (minutes)."""
-    from export.cli import run_export
-    from medcritical.data import load_recipe_data
+    from medcritical.artifacts import read_json
     from medcritical.default_model import materialize
-    from medcritical.recipe import Recipe
 
-    recipe = Recipe()
     adapter = make_lora(materialize(), tmp_path / "adapter", scale=0.002)
-    records = load_recipe_data(recipe.data, split="dev")
-    report = run_export(
-        "default", [adapter], tmp_path / "export", recipe.export, records, name="smollm2", max_new_tokens=256
-    )
-    print(json.dumps({k: v for k, v in report.items() if k != "rows"}, indent=1))
+    out = tmp_path / "run"
+    args = ["export", "eval.max_new_tokens=256", "--adapter", str(adapter), "--out", str(out), "--name", "smollm2"]
+    assert main(args) == 0
+    report = read_json(out / "export" / "report.json")
+    print(json.dumps({k: v for k, v in report.items() if k not in ("rows", "reference")}, indent=1))
     assert report["gate"]["passed"]

@@ -41,6 +41,15 @@ def test_bad_file_names_file_and_key(tmp_path: Path):
     p.write_text("sft: [unclosed\n", encoding="utf-8")
     with pytest.raises(UserError, match=r"r\.yaml: line \d+: not valid YAML"):
         load_recipe(p)
+    for empty in ("", "# only a comment\n"):
+        p.write_text(empty, encoding="utf-8")
+        with pytest.raises(UserError, match=r"r\.yaml: the recipe is empty"):
+            load_recipe(p)
+    p.write_text("{}\n", encoding="utf-8")
+    assert load_recipe(p).name == "run"  # every default, said on purpose
+    p.write_text("export: {quants: [q8_0], ship: {candidates: [q4_k_m]}}\n", encoding="utf-8")
+    with pytest.raises(UserError, match="ship.candidates"):
+        load_recipe(p)
 
 
 def test_overrides_parse_yaml_values(tmp_path: Path):

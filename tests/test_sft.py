@@ -6,10 +6,19 @@ import torch
 from transformers import TrainerCallback
 
 from medcritical.data import demo_path, load_questions
+from medcritical.layout import RunDir
 from medcritical.models import load_model
 from medcritical.prompts import choose_lang, question_messages, render_template
 from medcritical.recipe import load_recipe
-from medcritical.sft import run_sft
+
+
+def run_sft(recipe, callbacks=None) -> dict:
+    """The sft stage on the recipe's run directory."""
+    from rich.console import Console
+
+    from medcritical import sft
+
+    return sft.run(recipe, RunDir.of(recipe), Console(stderr=True), callbacks=callbacks)
 
 
 def write_templates(run: Path, n: int, short: bool = False) -> Path:
@@ -228,9 +237,42 @@ def test_dpo_resume_after_crash_matches_uninterrupted_run(tiny_llama: Path, tmp_
             }
             f.write(json.dumps(pair, ensure_ascii=False) + "\n")
     start, console = run / "sft" / "adapter", Console(stderr=True)
-    whole = run_dpo(recipe, pairs, start, tmp_path / "a", console)
+    whole = run_dpo(recipe, pairs, start, tmp_path / "a", console)  # (a round's dpo step decides when to call it)
     with pytest.raises(RuntimeError, match="power cut"):
         run_dpo(recipe, pairs, start, tmp_path / "b", console, callbacks=[Crash()])
     resumed = run_dpo(recipe, pairs, start, tmp_path / "b", console)
     assert resumed["resumed_from"].endswith("checkpoint-4") and resumed["last_loss"] == whole["last_loss"]
     assert same_adapter(tmp_path / "a" / "adapter", tmp_path / "b" / "adapter")
+
+
+def test_changed_learning_rate_retrains_from_scratch(tiny_llama: Path, tmp_path: Path):
+    """Rerunning into the same run directory after a knob changed: the old checkpoints are not
+    resumed (they were made for the other rate); the adapter equals a fresh run with the new
+    rate and differs from the old one. Then an unchanged rerun trains nothing."""
+
+    def recipe(run: Path, lr: float):
+        write_templates(run, 8, short=True)
+        over = [
+            "sft.train.max_steps=4",
+            "sft.train.save_steps=2",
+            "sft.max_length=384",
+            f"sft.train.learning_rate={lr}",
+        ]
+        return load_recipe(None, [f"output_dir={run}", f"model.name_or_path={tiny_llama}", *over])
+
+    run = tmp_path / "run"
+    run_sft(recipe(run, 0.01))
+    old = tmp_path / "old-adapter"
+    import shutil
+
+    shutil.copytree(run / "sft" / "adapter", old)
+    again = run_sft(recipe(run, 0.001))
+    assert again["resumed_from"] is None and again["steps"] == 4
+    run_sft(recipe(tmp_path / "fresh", 0.001))
+    assert same_adapter(run / "sft" / "adapter", tmp_path / "fresh" / "sft" / "adapter")
+    assert not same_adapter(run / "sft" / "adapter", old)
+    assert list((run / ".stale").rglob("checkpoint-4"))  # the old run was kept aside, not resumed
+    from medcritical.steps import EVENTS
+
+    EVENTS.clear()
+    assert run_sft(recipe(run, 0.001))["steps"] == 4 and [e["outcome"] for e in EVENTS] == ["skipped"]

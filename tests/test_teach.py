@@ -4,7 +4,6 @@ outcome counts and retries), the GGUF and transformers backends, and the dataset
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import socket
@@ -21,18 +20,27 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from medcritical.cli import main
 from medcritical.data import load_recipe_data
 from medcritical.default_model import default_gguf
 from medcritical.errors import UserError
 from medcritical.grading import extract_answer
-from medcritical.prompts import answer_line, split_template
+from medcritical.layout import RunDir
+from medcritical.prompts import answer_line, split_reasoning, split_template
 from medcritical.recipe import Recipe
-from medcritical.teach import OUTCOMES, judge, register, run_teach, teacher_request
-from medcritical.teachers import OpenAITeacher, TeacherRequest, find_leak, strip_reasoning
+from medcritical.teach import OUTCOMES, judge, teacher_request
+from medcritical.teachers import OpenAITeacher, TeacherRequest, find_leak
 
 
 def quiet() -> Console:
     return Console(file=io.StringIO(), width=120)
+
+
+def run_teach(r: Recipe, console: Console) -> dict:
+    """The teach stage on the recipe's run directory."""
+    from medcritical import teach
+
+    return teach.run(r, RunDir.of(r), console)
 
 
 def rows(path: Path) -> list[dict]:
@@ -108,11 +116,40 @@ def test_leak_detector_passes_ordinary_reasoning():
         assert find_leak(text) is None, text
 
 
-def test_strip_reasoning():
-    assert strip_reasoning("<think>it is B</think>\n### Plan\nx") == "### Plan\nx"
-    assert strip_reasoning("it is B, the key said so</think>Answer: C") == "Answer: C"  # QwQ: <think> is in the prompt
-    assert strip_reasoning("<think>cut off while thinking... Answer: B") == ""
-    assert strip_reasoning("  no reasoning block  ") == "no reasoning block"
+def test_split_reasoning():
+    assert split_reasoning("<think>it is B</think>\n### Plan\nx") == ("it is B", "### Plan\nx")
+    assert split_reasoning("it is B, the key said so</think>Answer: C") == ("it is B, the key said so", "Answer: C")
+    assert split_reasoning("<think>cut off while thinking... Answer: B") == ("cut off while thinking... Answer: B", "")
+    assert split_reasoning("  no reasoning block  ") == ("", "no reasoning block")
+    assert split_reasoning("### Plan\nx", reasoning="from the API field") == ("from the API field", "### Plan\nx")
+
+
+# Heading styles real teachers write (QwQ, R1 distills, other kits), all in the template layout.
+STYLES = {
+    "markdown h2 zh": "## 思路\n回忆知识点。\n\n## 详细步骤\n逐项分析。\n\n答案：{a}",
+    "bold en": "**Plan**\nRecall the facts.\n\n**Step-by-step analysis:**\n1. Weigh each option.\n\n**Final answer:** {a}",
+    "label lines": "Plan: recall the facts.\nReasoning: weigh each option.\nAnswer: {a}",
+    "h1 with answer section": "# Approach\nRecall.\n# Analysis\nWeigh each option.\n# Answer\n{a}",
+    "numbered zh bold": "**一、解题思路**\n回忆。\n**二、逐项分析**\n逐项判断。\n故选{a}。",
+}
+
+
+@pytest.mark.parametrize("style", list(STYLES))
+def test_judge_keeps_other_heading_styles(style: str):
+    v = judge(STYLES[style].format(a=GOLD), Q, "en", hinted=False)
+    assert v.outcome == "kept", v
+    assert v.plan and v.steps and GOLD not in v.steps.splitlines()[-1].split()[-1:]
+
+
+def test_judge_truncated_and_think_blocks():
+    cut = judge("### Plan\nRecall.\n### Reasoning\nFirst, option A is", Q, "en", False, finish_reason="length")
+    assert cut.outcome == "truncated"
+    assert judge("<think>still thinking about A and", Q, "en", False, finish_reason="length").outcome == "truncated"
+    v = judge(f"<think>Long chain: A fails, so {GOLD}.</think>" + reply("Weigh each option.", GOLD), Q, "en", False)
+    assert v.outcome == "kept" and v.reasoning == f"Long chain: A fails, so {GOLD}."
+    # A leak inside the chain of thought is still a leak.
+    leaked = judge(f"<think>The reference answer is {GOLD}.</think>" + reply("Weigh.", GOLD), Q, "en", True)
+    assert leaked.outcome == "leaked"
 
 
 def test_gold_key_never_in_plain_teacher_prompt():
@@ -150,13 +187,11 @@ def test_dataset_teacher_on_demo_and_cli(tmp_path: Path, capsys):
     manifest = json.loads((tmp_path / "teach" / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["metrics"]["kept"] == m["kept"]
 
-    # The subcommand, with an override: the same stage, now limited to 5 questions.
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers())
-    args = parser.parse_args(["teach", str(write_yaml(tmp_path / "r.yaml", r)), "teach.limit=5"])
-    assert args.func(args) == 0
+    # The subcommand, with an override: other questions, so the step is redone (the old one moved aside).
+    assert main(["teach", str(write_yaml(tmp_path / "r.yaml", r)), "teach.limit=5"]) == 0
     assert "templates.jsonl" in capsys.readouterr().out
-    assert len(rows(tmp_path / "teach" / "templates.jsonl")) == 5  # rows for deselected questions are pruned
+    assert len(rows(tmp_path / "teach" / "templates.jsonl")) == 5
+    assert list((tmp_path / ".stale").rglob("templates.jsonl"))
 
 
 def write_yaml(path: Path, r: Recipe) -> Path:
@@ -290,7 +325,7 @@ def test_scripted_teacher_counts_think_blocks_and_retries(tmp_path: Path, stub, 
         gold = "".join(m.answer)
         wrong = next(k for k in m.options if k not in m.answer)
         return {
-            "think": f"<think>the reference answer says {gold}</think>" + reply("Weigh each option.", gold),
+            "think": f"<think>A looks tempting, but {gold} fits the stem.</think>" + reply("Weigh each option.", gold),
             "wrong": reply("Weigh each option.", wrong),
             "unparseable": f"Probably {gold}.",
             "leaked": reply(f"Since the reference answer is {gold}, the others are out.", gold),
@@ -304,7 +339,8 @@ def test_scripted_teacher_counts_think_blocks_and_retries(tmp_path: Path, stub, 
         hinted=True, samples=2, limit=10, max_tokens=256, concurrency=3, retries=0,
     )  # fmt: skip
     m = run_teach(r, quiet())
-    expected = {"kept": 4, "wrong_answer": 2, "unparseable": 2, "leaked": 2, "no_explanation": 0, "errors": 0}
+    expected = {"kept": 4, "wrong_answer": 2, "unparseable": 2, "truncated": 0, "leaked": 2, "no_explanation": 0}
+    expected["errors"] = 0
     assert {k: m[k] for k in OUTCOMES} == expected
     assert (m["teacher_calls"], m["cache_hits"]) == (10 + 8, 0)  # every reject got its second attempt
     body, headers = s.seen[0]
@@ -316,17 +352,59 @@ def test_scripted_teacher_counts_think_blocks_and_retries(tmp_path: Path, stub, 
         kind = plan[row["question"]][0]
         assert "<think>" not in row["target"] and row["teacher"]["attempt"] == (kind == "second_try")
         cached = json.loads(
-            next((tmp_path / "teach" / "cache").rglob(f"{row['teacher']['cache_key']}.json")).read_text()
+            next((tmp_path / "cache" / "teach").rglob(f"{row['teacher']['cache_key']}.json")).read_text()
         )
         assert cached["reply"]["text"].startswith("<think>") == (kind == "think")  # raw reply kept in the cache
     rejected = rows(tmp_path / "teach" / "rejected.jsonl")
     assert all(len(x["attempts"]) == 2 for x in rejected)
 
-    # Only the retry count changed: decisions stand, no call is made.
+    # Only the retry count changed: it cannot change a verdict, so the step stays complete and no call is made.
     calls = len(s.seen)
     r.teach.retries = 3
     m2 = run_teach(r, quiet())
-    assert {k: m2[k] for k in OUTCOMES} == expected and len(s.seen) == calls and m2["teacher_calls"] == 0
+    assert {k: m2[k] for k in OUTCOMES} == expected and len(s.seen) == calls
+
+
+def test_teacher_with_other_headings_and_think_blocks_is_kept(tmp_path: Path, stub):
+    """A reasoning teacher behind an OpenAI-compatible server writes its long chain of thought in a <think>
+    block and its template under its own headings: every reply is kept, and with ``teach.reasoning: keep``
+    the SFT targets start with that chain (with ``drop``, they do not)."""
+    questions = train_questions(6)
+    styles = list(STYLES.values())
+
+    def answer(body: dict) -> str:
+        i, m = next((i, m) for i, m in enumerate(questions) if m.question in body["messages"][-1]["content"])
+        gold = "".join(m.answer)
+        chain = f"Let me think step by step about question {i}. The stem points to {gold}."
+        return f"<think>\n{chain}\n</think>\n\n" + styles[i % len(styles)].format(a=gold)
+
+    s = stub(answer)
+    for mode in ("keep", "drop"):
+        out = tmp_path / mode
+        r = recipe(out, backend="openai", base_url=s.url, model="qwq", limit=6, retries=0, reasoning=mode)
+        m = run_teach(r, quiet())
+        assert m["kept"] == 6 and m["unparseable"] == 0, m
+        for row in rows(out / "teach" / "templates.jsonl"):
+            target = row["target"]
+            assert target.endswith(answer_line(row["answer"], row["lang"]))
+            assert ("<think>" in target and "Let me think step by step" in target) == (mode == "keep")
+            assert split_template(target) == (row["plan"], row["steps"])
+    assert m["with_reasoning"] == 0  # (drop)
+    # The targets are what SFT trains on: the chain of thought is in them.
+    from medcritical.sft import sft_examples
+
+    kept = rows(tmp_path / "keep" / "teach" / "templates.jsonl")
+    assert all(ex["completion"][0]["content"].startswith("<think>") for ex in sft_examples(kept))
+
+
+def test_low_keep_rate_shows_rejected_replies(tmp_path: Path, stub):
+    s = stub(lambda body: "I would go with the second option, probably.")
+    console = Console(file=io.StringIO(), width=200)
+    r = recipe(tmp_path, backend="openai", base_url=s.url, model="m", limit=5, retries=0)
+    m = run_teach(r, console)
+    out = console.file.getvalue()
+    assert m["unparseable"] == 5 and out.count("rejected (unparseable") == 3
+    assert "the teacher's format is the problem" in out and "second option" in out
 
 
 # ---- llama-cpp-python's real OpenAI-compatible server -----------------------------------------
@@ -374,7 +452,7 @@ def test_teach_against_llama_cpp_server_then_from_cache(tmp_path: Path, llama_se
     # SmolLM2-135M rarely writes a verified template; every question is still accounted for.
     assert sum(m1[k] for k in OUTCOMES) == m1["questions"] == 4 and m1["errors"] == 0
     assert 4 <= m1["teacher_calls"] <= 8 and m1["cache_hits"] == 0
-    assert len(list((out / "teach" / "cache").rglob("*.json"))) == m1["teacher_calls"]
+    assert len(list((out / "cache" / "teach").rglob("*.json"))) == m1["teacher_calls"]
     decided = rows(out / "teach" / "templates.jsonl") + rows(out / "teach" / "rejected.jsonl")
     assert sorted(x["id"] for x in decided) == sorted(m.id for m in train_questions(4))
 
@@ -385,10 +463,11 @@ def test_teach_against_llama_cpp_server_then_from_cache(tmp_path: Path, llama_se
     m2 = run_teach(r, quiet())
     assert (m2["teacher_calls"], m2["cache_hits"]) == (0, m1["teacher_calls"])
     assert {k: m2[k] for k in OUTCOMES} == {k: m1[k] for k in OUTCOMES}
-    # Decided questions are not even looked up again.
+    # A complete step is not even looked up again; one whose manifest was lost is redone, from the cache.
+    assert run_teach(r, quiet()) == m2
     (out / "teach" / "manifest.json").unlink()
     m3 = run_teach(r, quiet())
-    assert (m3["teacher_calls"], m3["cache_hits"]) == (0, 0)
+    assert (m3["teacher_calls"], m3["cache_hits"]) == (0, m1["teacher_calls"])
 
 
 # ---- local backends -----------------------------------------------------------------------------

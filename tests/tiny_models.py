@@ -140,3 +140,51 @@ def build_tiny_qwen2(path: Path, seed: int = 0) -> Path:
         pad_token_id=tok.pad_token_id,
     )
     return _save(cfg, tok, path, seed)
+
+
+def teach_tiny_model(path: Path, pairs: list[tuple[list[dict], str]], steps: int = 300, lr: float = 3e-3) -> Path:
+    """Fully fine-tune the tiny model in ``path`` (in place) until it answers each chat prompt with its text.
+
+    A random 2-layer model cannot learn a template through a small LoRA; this gives tests a student that
+    already answers in the template layout, so what the rounds do to it is known in advance. Plain
+    torch: next-token loss on the completion tokens only, until greedy decoding reproduces every completion.
+    """
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    rows = []
+    for messages, completion in pairs:
+        prompt = tok(
+            tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), add_special_tokens=False
+        ).input_ids
+        target = tok(completion + tok.eos_token, add_special_tokens=False).input_ids
+        rows.append((torch.tensor([prompt + target]), len(prompt)))
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+
+    def learned() -> bool:
+        model.eval()
+        with torch.inference_mode():
+            for ids, n in rows:
+                out = model.generate(
+                    ids[:, :n], max_new_tokens=ids.shape[1] - n, do_sample=False, pad_token_id=tok.pad_token_id
+                )
+                if out[0, n:].tolist() != ids[0, n:].tolist():
+                    return False
+        return True
+
+    for step in range(steps):
+        model.train()
+        ids, n = rows[step % len(rows)]
+        labels = ids.clone()
+        labels[:, :n] = -100
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if loss.item() < 0.02 and step % 10 == 9 and learned():
+            break
+    assert learned(), "the tiny model did not learn its completions"
+    model.save_pretrained(path, safe_serialization=True)
+    return path
