@@ -5,4 +5,4 @@ cd "$(dirname "$0")"
 bash setup.sh --dev
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/python -m pytest -q -m "not slow"
+.venv/bin/python -m pytest -q -m "not slow" --durations=25

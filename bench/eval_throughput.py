@@ -16,13 +16,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from rich.console import Console
-
 from medcritical.data import demo_path, load_questions
 from medcritical.default_model import default_gguf
 from medcritical.engines import open_engine
 from medcritical.evaluate import evaluate
-from medcritical.runtime import offline_quiet
+from medcritical.runtime import make_console, offline_quiet
 
 
 def main() -> None:
@@ -33,7 +31,7 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/eval_throughput.json")
     a = ap.parse_args()
     offline_quiet()
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     records = load_questions(demo_path()).records[: a.questions]
     rows = []
     for name, model in (("transformers (f32, batched)", "default"), ("llama.cpp (Q4_1 GGUF)", str(default_gguf()))):

@@ -11,8 +11,11 @@ each at the given temperature (top-p 0.95). Engines (``--engines``, in order):
 
 - ``transformers``: the 4-bit NF4 model as in training, plus the adapter,
   ``--batch-size`` sequences at a time (rounds.rollouts.batch_size): the baseline.
-- ``llamacpp``: in-process llama.cpp on the q8_0 GGUF of base + adapter that the
-  rounds cache in ``<output_dir>/policies``, one sequence at a time.
+- ``llamacpp-1``: in-process llama.cpp on the q8_0 GGUF of base + adapter that the
+  rounds cache in ``<output_dir>/policies``, one sequence at a time (the engine before
+  it decoded sequences together).
+- ``llamacpp``: the same engine as the rounds run it on CPU: ``--batch-size``
+  sequences decoded together, one ``llama_decode`` per step for all of them.
 - ``llamacpp-server``: llama-cpp-python's server on the same GGUF
   (``medcritical.served.LlamaCppServer``), one process with every thread.
 - ``llamacpp-server-xN``: N such processes with ``threads / N`` threads each
@@ -48,15 +51,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
 from medcritical.artifacts import versions
 from medcritical.models import random_lora
 from medcritical.recipe import LoraCfg
-from medcritical.runtime import offline_quiet
+from medcritical.runtime import make_console, offline_quiet
 
-console = Console(stderr=True, highlight=False)
+console = make_console(stderr=True)
 
 
 def run_engine(
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-adapter", action="store_true", help="sample the bare base model")
     ap.add_argument(
         "--engines",
-        default="transformers,llamacpp,llamacpp-server,llamacpp-server-x2,vllm-merged,vllm-lora",
+        default="transformers,llamacpp-1,llamacpp,llamacpp-server,llamacpp-server-x2,vllm-merged,vllm-lora",
         help="which engines, in order",
     )
     ap.add_argument("--out", default="bench/results/rollouts.json")
@@ -190,8 +192,13 @@ def main(argv: list[str] | None = None) -> int:
                 lambda: HFEngine(*_hf(load_model(recipe.model, adapter=adapter))),
                 a.batch_size,
             ),
+            "llamacpp-1": (
+                "llama.cpp q8_0 in-process, 1 sequence at a time",
+                lambda: LlamaCppEngine(gguf, n_ctx=recipe.eval.n_ctx, n_threads=a.threads, seed=recipe.seed),
+                1,
+            ),
             "llamacpp": (
-                "llama.cpp q8_0 in-process, 1 stream",
+                f"llama.cpp q8_0 in-process, {a.batch_size} sequences per step (the CPU default)",
                 lambda: LlamaCppEngine(gguf, n_ctx=recipe.eval.n_ctx, n_threads=a.threads, seed=recipe.seed),
                 a.batch_size,
             ),

@@ -6,8 +6,9 @@
   ``export.ship.candidates`` whose accuracy on the parity questions is at most
   ``export.ship.tolerance`` below the merged model's and whose answers agree
   with the merged model's on at least ``1 - tolerance`` of the questions both
-  answered; when none qualifies, the one closest to the merged model, and the
-  card says so;
+  answered; when none qualifies, the one closest to the merged model (highest
+  teacher-forced answer agreement, then free-running agreement), and the card
+  says so;
 * its Ollama ``Modelfile`` with the system prompt the student was trained with;
 * ``MODEL_CARD.md``: base model and licence, data with hashes and counts, teacher,
   recipe, rounds and the selected round, accuracy per quant with its protocol,
@@ -68,15 +69,26 @@ def choose(quants: dict[str, dict[str, Any]], candidates: list[str], tolerance: 
         best = min(passing, key=lambda q: quants[q]["size_bytes"])
         return best, f"smallest candidate within tolerance {tolerance:g} of the merged model ({others})"
 
-    def distance(q: str) -> tuple[float, float]:
+    def distance(q: str) -> tuple[float, float, float]:
+        # Teacher-forced agreement first: every file scores the merged model's own replies, so it measures the
+        # file, not where two long greedy generations happened to drift apart (free-running agreement).
         r = quants[q]
         return (
-            abs((r.get("merged_accuracy") or 0) - (r.get("compared_accuracy") or 0)),
+            -(r.get("tf_answer_agreement") or 0),
             -(r.get("answer_agreement") or 0),
+            abs((r.get("merged_accuracy") or 0) - (r.get("compared_accuracy") or 0)),
         )
 
     best = min((q for q, _ in rows), key=distance)
-    return best, f"no candidate is within tolerance {tolerance:g}; shipping the closest to the merged model ({others})"
+    r = quants[best]
+    measured = (
+        f"teacher-forced answer agreement {_pct(r.get('tf_answer_agreement'))}, "
+        f"free-running {_pct(r.get('answer_agreement'))}"
+    )
+    return best, (
+        f"no candidate is within tolerance {tolerance:g}; shipping the closest to the merged model ({measured}; "
+        f"{others})"
+    )
 
 
 def ship_language(recipe: Any, templates: Path) -> str:
@@ -118,7 +130,12 @@ def run(recipe: Any, run_dir: Any, console: Console) -> dict[str, Any]:
     if not summary_file.is_file():
         raise UserError(f"{summary_file}: no evaluation of the exported GGUFs; run the eval stage first")
     ev = read_json(summary_file)
-    quants = {q: r | {"size_bytes": ex["ggufs"][q]["size_bytes"]} for q, r in ev["quants"].items() if q in ex["ggufs"]}
+    tf = {q: m.get("tf_answer_agreement") for q, m in ex["report"].get("models", {}).items()}
+    quants = {
+        q: r | {"size_bytes": ex["ggufs"][q]["size_bytes"], "tf_answer_agreement": tf.get(q)}
+        for q, r in ev["quants"].items()
+        if q in ex["ggufs"]
+    }
     cfg = recipe.export.ship
     candidates = cfg.candidates or list(recipe.export.quants)
     ship, why = choose(quants, candidates, cfg.tolerance)

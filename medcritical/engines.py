@@ -179,13 +179,21 @@ class HFEngine:
 class LlamaCppEngine:
     """llama.cpp through llama-cpp-python, on a GGUF file.
 
-    One sequence at a time. The ``n`` samples of a prompt reuse its evaluated
-    tokens: ``create_completion`` keeps the longest common prefix of its KV
-    cache and the new prompt, so after the first sample only the prompt's last
-    token is evaluated again. Each prompt starts from an empty cache, so its
-    samples depend only on the prompt and the seed. Sampling is temperature + top-p as in transformers
-    (top-k and min-p off); llama.cpp applies top-p before the temperature,
-    transformers after it.
+    ``generate(..., batch_size=B)`` decodes up to ``B`` sequences together
+    (``B // n`` prompts with their ``n`` samples each): every step evaluates one
+    token of every live sequence in one ``llama_decode`` call, so the weights are
+    read once per step for all of them, which is what makes CPU decoding fast
+    (one sequence at a time is bound by memory bandwidth). Each sequence has its
+    own KV stream (``n_seq_max = B``, not unified), its own sampler chain and
+    seed; a prompt is evaluated once and its KV copied to its other samples; a
+    finished sequence leaves the batch. The sequences of a call depend only on
+    the call's prompts, settings and seed: callers cut their work in fixed
+    chunks, so a resumed step regenerates what an uninterrupted one did.
+
+    ``batch_size=1`` (or a single sequence) takes the one-stream path through
+    ``create_completion``; its ``n`` samples reuse the evaluated prompt.
+    Sampling is temperature + top-p as in transformers (top-k and min-p off);
+    llama.cpp applies top-p before the temperature, transformers after it.
     """
 
     name = "llamacpp"
@@ -209,6 +217,9 @@ class LlamaCppEngine:
             tid = meta.get(key)
             return self.llm.detokenize([int(tid)], special=True).decode("utf-8", "replace") if tid is not None else ""
 
+        self.threads = threads
+        self.n_ctx = n_ctx
+        self._streams: tuple[int, int, Any] | None = None  # (sequences, tokens each, context) of the batched path
         self.eos = token_text("tokenizer.ggml.eos_token_id")
         self.formatter = Jinja2ChatFormatter(
             template=template, eos_token=self.eos, bos_token=token_text("tokenizer.ggml.bos_token_id")
@@ -251,24 +262,150 @@ class LlamaCppEngine:
     def generate(
         self, prompts, *, max_new_tokens, temperature=0.0, top_p=1.0, n=1, seed=0, on_done=None, batch_size: int = 1
     ):
-        out = []
-        for i, msgs in enumerate(prompts):
-            out.append(
-                self.complete(
-                    self.render(msgs),
-                    max_new_tokens=max_new_tokens,
-                    temperature=temperature,
-                    top_p=top_p,
-                    seed=sample_seed(seed, i, 0),
-                    n=n,
-                )  # fmt: skip
-            )
-            if on_done:
-                on_done(1)
+        tokens = [self.tokenize(self.render(m)) for m in prompts]
+        seeds = [sample_seed(seed, i, 0) for i in range(len(prompts))]
+        streams = 1 if temperature <= 0 else n  # greedy: one sequence per prompt, its answer repeated
+        per = max(1, batch_size // streams)
+        out: list[list[str]] = []
+        for start in range(0, len(prompts), per):
+            group = range(start, min(start + per, len(prompts)))
+            if batch_size <= 1 or len(group) * streams == 1:
+                prompt = self.render(prompts[start])
+                out.append(self.complete(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                                         top_p=top_p, seed=seeds[start], n=n))  # fmt: skip
+                if on_done:
+                    on_done(1)
+                continue
+            done = self._decode_together(
+                [tokens[i] for i in group], [seeds[i] for i in group], streams, max_new_tokens, temperature, top_p,
+                on_done,
+            )  # fmt: skip
+            out += [texts if len(texts) == n else texts * n for texts in done]
         return out
 
+    def _stream_context(self, sequences: int, per_seq: int) -> Any:
+        """A context with ``sequences`` KV streams of at least ``per_seq`` tokens each, kept for later calls."""
+        import llama_cpp
+        from llama_cpp import _internals
+
+        if self._streams and self._streams[0] >= sequences and self._streams[1] >= per_seq:
+            return self._streams[2]
+        if self._streams:
+            self._streams[2].close()
+            self._streams = None
+        per_seq = -(-per_seq // 256) * 256
+        # The one-stream context's settings (flash attention, KV types, threads...), so both paths compute alike.
+        params = llama_cpp.llama_context_params.from_buffer_copy(self.llm.context_params)
+        params.n_ctx = sequences * per_seq
+        params.n_batch = max(512, sequences)
+        params.n_ubatch = max(512, sequences)
+        params.n_seq_max = sequences
+        params.kv_unified = False
+        try:
+            ctx = _internals.LlamaContext(model=self.llm._model, params=params, verbose=False)
+        except ValueError as e:
+            raise UserError(f"{self.gguf}: llama.cpp could not make a context for {sequences} sequences of "
+                            f"{per_seq} tokens (lower the batch size): {e}") from e  # fmt: skip
+        self._streams = (sequences, per_seq, ctx)
+        return ctx
+
+    def _decode_together(
+        self, prompts: list[list[int]], seeds: list[int], streams: int, max_new_tokens: int,
+        temperature: float, top_p: float, on_done: Progress | None,
+    ) -> list[list[str]]:  # fmt: skip
+        """``streams`` completions of each tokenized prompt, every sequence decoded in one batch."""
+        import llama_cpp
+        from llama_cpp import _internals
+
+        for p in prompts:
+            if len(p) >= self.n_ctx:
+                raise UserError(f"{self.gguf}: a prompt of {len(p)} tokens does not fit n_ctx {self.n_ctx}")
+        seqs = [(i, j) for i in range(len(prompts)) for j in range(streams)]
+        per_seq = min(self.n_ctx, max(len(p) for p in prompts) + max_new_tokens)
+        ctx = self._stream_context(len(seqs), per_seq)
+        room = self._streams[1]
+        mem = llama_cpp.llama_get_memory(ctx.ctx)
+        llama_cpp.llama_memory_clear(mem, True)
+        vocab = self.llm._model.vocab
+        samplers = []
+        for i, j in seqs:
+            smp = _internals.LlamaSampler()
+            if temperature <= 0:
+                smp.add_greedy()
+            else:  # what create_completion builds with top_k=0, min_p=0 (those two are no-ops)
+                smp.add_top_p(top_p, 1)
+                smp.add_temp(temperature)
+                smp.add_dist(sample_seed(seeds[i], 0, j))
+            samplers.append(smp)
+        limit = [max(1, min(max_new_tokens, room - len(prompts[i]))) for i, _ in seqs]
+        made: list[list[int]] = [[] for _ in seqs]
+        live: list[int] = []  # sequence numbers still generating
+        left = [streams] * len(prompts)  # unfinished samples per prompt
+        batch = llama_cpp.llama_batch_init(max(512, len(seqs)), 0, 1)
+
+        def take(s: int, idx: int) -> None:
+            """Sample sequence ``s``'s next token from batch row ``idx``; retire it when it ends."""
+            tok = llama_cpp.llama_sampler_sample(samplers[s].sampler, ctx.ctx, idx)
+            if not llama_cpp.llama_vocab_is_eog(vocab, tok):
+                made[s].append(tok)
+                if len(made[s]) < limit[s]:
+                    live.append(s)
+                    return
+            llama_cpp.llama_memory_seq_rm(mem, s, -1, -1)
+            i = seqs[s][0]
+            left[i] -= 1
+            if left[i] == 0 and on_done:
+                on_done(1)
+
+        def decode(rows: list[tuple[int, int, int, bool]]) -> None:
+            batch.n_tokens = len(rows)
+            for r, (tok, pos, seq, want) in enumerate(rows):
+                batch.token[r], batch.pos[r], batch.n_seq_id[r], batch.logits[r] = tok, pos, 1, want
+                batch.seq_id[r][0] = seq
+            rc = llama_cpp.llama_decode(ctx.ctx, batch)
+            if rc != 0:
+                raise UserError(f"{self.gguf}: llama_decode failed ({rc}) on {len(seqs)} sequences")
+
+        try:
+            # Prompts: each evaluated once, on its first sample's sequence, in batches of up to 512 tokens.
+            rows: list[tuple[int, int, int, bool]] = []
+            ends: list[tuple[int, int]] = []  # (prompt, batch row of its last token)
+            for i, p in enumerate(prompts):
+                for pos, tok in enumerate(p):
+                    last = pos == len(p) - 1
+                    if last:
+                        ends.append((i, len(rows)))
+                    rows.append((tok, pos, i * streams, last))
+                    if len(rows) == 512 or (last and i == len(prompts) - 1):
+                        decode(rows)
+                        for k, idx in ends:
+                            for j in range(1, streams):
+                                llama_cpp.llama_memory_seq_cp(mem, k * streams, k * streams + j, -1, -1)
+                            for j in range(streams):
+                                take(k * streams + j, idx)
+                        rows, ends = [], []
+            # Then one token of every live sequence per step.
+            while live:
+                now = sorted(live)
+                live.clear()
+                decode([(made[s][-1], len(prompts[seqs[s][0]]) + len(made[s]) - 1, s, True) for s in now])
+                for r, s in enumerate(now):
+                    take(s, r)
+        finally:
+            llama_cpp.llama_batch_free(batch)
+            for smp in samplers:
+                smp.close()
+        texts = [
+            self.llm.detokenize(made[s], prev_tokens=prompts[i]).decode("utf-8", errors="ignore").strip()
+            for s, (i, _) in enumerate(seqs)
+        ]
+        return [texts[i * streams : (i + 1) * streams] for i in range(len(prompts))]
+
     def close(self) -> None:
-        """Free the model and its context now (not whenever the engine is collected)."""
+        """Free the model and its contexts now (not whenever the engine is collected)."""
+        if self._streams:
+            self._streams[2].close()
+            self._streams = None
         self.llm.close()
 
     def next_token_logits(self, tokens: list[int]) -> Any:

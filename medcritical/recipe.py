@@ -136,6 +136,8 @@ class RolloutCfg(Section):
     # on a q8_0 GGUF of the policy) when the GGUF converter is installed, else transformers.
     engine: Literal["auto", "transformers", "llamacpp", "llamacpp-server", "vllm", "openai"] = "auto"
     server: ServerCfg = Field(default_factory=ServerCfg)
+    # Sequences generated together: batch_size // k questions with their k samples per generate call (llama.cpp
+    # decodes them in one batch per step; transformers pads them into one batch; served engines get them at once).
     batch_size: int = Field(8, gt=0)
     questions: int | None = Field(None, gt=0)  # train questions per round (None = all)
 

@@ -61,7 +61,7 @@ CODE = {
     "eval": 3,
     "gguf": 3,
     "export": 3,
-    "bundle": 1,
+    "bundle": 2,
     "merge": 3,
 }
 

@@ -144,3 +144,24 @@ def test_run_lock_refuses_a_second_process_and_dies_with_its_holder(tmp_path: Pa
         except UserError:
             assert time.time() < deadline
             time.sleep(0.1)
+
+
+def test_ship_choice_is_measured_and_falls_back_to_the_most_faithful_file():
+    """The bundle ships the smallest quant within tolerance; when none is, the one whose answers follow the
+    merged model best (teacher-forced, then free-running), never the one that merely scored like it by chance:
+    the demo's q4_k_m matched the merged model's 13.3% while q8_0 agreed with it on every teacher-forced answer."""
+    from export.bundle import choose
+
+    def row(acc, merged, agree, tf, size):
+        return {"compared_accuracy": acc, "merged_accuracy": merged, "answer_agreement": agree,
+                "tf_answer_agreement": tf, "size_bytes": size}  # fmt: skip
+
+    demo = {"q8_0": row(0.2667, 0.1333, 0.7273, 1.0, 138), "q4_k_m": row(0.1333, 0.1333, 0.8, 0.8667, 100)}
+    ship, why = choose(demo, ["q8_0", "q4_k_m"], 0.07)
+    assert ship == "q8_0"
+    assert "no candidate is within tolerance" in why and "teacher-forced answer agreement 100" in why
+    both_ok = {"q8_0": row(0.30, 0.30, 0.99, 1.0, 138), "q4_k_m": row(0.29, 0.30, 0.95, 0.97, 100)}
+    assert choose(both_ok, ["q8_0", "q4_k_m"], 0.07)[0] == "q4_k_m"  # smallest within tolerance
+    assert choose(both_ok, ["q8_0", "q4_k_m"], 0.02)[0] == "q8_0"  # q4_k_m's agreement 95% < 98%
+    with pytest.raises(UserError, match="was evaluated"):
+        choose(both_ok, ["f16"], 0.02)

@@ -136,3 +136,44 @@ def test_bad_data_is_one_line_error(tmp_path: Path, capsys):
     assert main(["eval", "--data", str(bad), "--format", "jsonl", "--limit", "1"]) == 1
     err = capsys.readouterr().err
     assert "bad.jsonl" in err and "Traceback" not in err
+
+
+def test_gguf_decodes_many_sequences_together_as_one_at_a_time():
+    """batch_size > 1 decodes every sequence of a chunk in one llama_decode per step, with the same
+    text, token for token, as the one-stream path: greedy and sampled, prompts of different
+    lengths, replies that end early (end of turn) and late (token limit); each prompt evaluated once."""
+    import llama_cpp
+
+    from medcritical.engines import LlamaCppEngine
+
+    eng = LlamaCppEngine(default_gguf(), n_ctx=1024, n_threads=1)
+    prompts = [
+        [{"role": "user", "content": "Reply with one word: is the sky blue?"}],
+        [{"role": "user", "content": "Name one cause of chest pain, in a few words, and explain why it hurts."}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2? Then count to 9."}],
+    ]
+    lengths = set()
+    for temperature, n in ((0.0, 2), (1.0, 3)):
+        kw = dict(max_new_tokens=20, temperature=temperature, top_p=0.9, n=n, seed=11)
+        alone = eng.generate(prompts, batch_size=1, **kw)
+        finished: list[int] = []
+        together = eng.generate(prompts, batch_size=6, on_done=finished.append, **kw)
+        assert together == alone
+        assert sum(finished) == len(prompts)
+        assert all(len(out) == n for out in together)
+        lengths |= {len(eng.tokenize(t)) for out in together for t in out}
+    assert len(set(together[1])) > 1  # sampled: the samples of a prompt differ
+    assert min(lengths) < 15 and max(lengths) >= 18  # some ended on their own, some ran to the limit
+    # 6 sequences (2 prompts x 3 samples) per batch: the prompts' tokens are evaluated once each, then
+    # at most 3 steps (4 tokens, the first sampled from the prompt's logits) of 6 tokens each.
+    ctx = eng._streams[2]
+
+    def decoded() -> int:
+        perf = llama_cpp.llama_perf_context(ctx.ctx)
+        return perf.n_p_eval + perf.n_eval
+
+    before = decoded()
+    eng.generate(prompts[:2], batch_size=6, max_new_tokens=4, temperature=1.0, n=3, seed=1)
+    tokens = sum(len(eng.tokenize(eng.render(m))) for m in prompts[:2])
+    assert tokens <= decoded() - before <= tokens + 3 * 6
+    eng.close()
