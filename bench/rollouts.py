@@ -12,8 +12,9 @@ each at the given temperature (top-p 0.95). Engines (``--engines``, in order):
 - ``transformers``: the 4-bit NF4 model as in training, plus the adapter,
   ``--batch-size`` sequences at a time (rounds.rollouts.batch_size): the baseline.
 - ``llamacpp-1``: in-process llama.cpp on the q8_0 GGUF of base + adapter that the
-  rounds cache in ``<output_dir>/policies``, one sequence at a time (the engine before
-  it decoded sequences together).
+  rounds cache in ``<output_dir>/policies``, one sequence at a time through
+  llama-cpp-python's ``create_completion`` (the engine before it decoded sequences
+  together), on the same chunks and seeds.
 - ``llamacpp``: the same engine as the rounds run it on CPU: ``--batch-size``
   sequences decoded together, one ``llama_decode`` per step for all of them.
 - ``llamacpp-server``: llama-cpp-python's server on the same GGUF
@@ -125,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     from medcritical.data import load_recipe_data
     from medcritical.default_model import materialize
     from medcritical.engines import HFEngine, LlamaCppEngine
+
+    OneAtATime = _one_at_a_time()
     from medcritical.models import load_model, load_tokenizer
     from medcritical.policy import policy_gguf
     from medcritical.recipe import Recipe
@@ -194,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
             ),
             "llamacpp-1": (
                 "llama.cpp q8_0 in-process, 1 sequence at a time",
-                lambda: LlamaCppEngine(gguf, n_ctx=recipe.eval.n_ctx, n_threads=a.threads, seed=recipe.seed),
-                1,
+                lambda: OneAtATime(gguf, n_ctx=recipe.eval.n_ctx, n_threads=a.threads, seed=recipe.seed),
+                a.batch_size,
             ),
             "llamacpp": (
                 f"llama.cpp q8_0 in-process, {a.batch_size} sequences per step (the CPU default)",
@@ -283,6 +286,35 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(f"\nload average (1 min) {load_before[0]} before, {load_after[0]} after; exports {export}; JSON: {a.out}")
     return 0
+
+
+def _one_at_a_time() -> type:
+    from medcritical.engines import LlamaCppEngine, sample_seed
+
+    class OneAtATime(LlamaCppEngine):
+        """The engine as it was before it decoded sequences together: llama-cpp-python's ``create_completion``,
+        one sequence at a time, the samples of a prompt reusing its evaluated tokens (same seeds)."""
+
+        def generate(self, prompts, *, max_new_tokens, temperature=0.0, top_p=1.0, n=1, seed=0, on_done=None,
+                     batch_size=1):  # fmt: skip
+            out = []
+            for i, msgs in enumerate(prompts):
+                tokens = self.tokenize(self.render(msgs))
+                self.llm.reset()
+                texts = []
+                for j in range(n if temperature > 0 else 1):
+                    res = self.llm.create_completion(
+                        tokens, max_tokens=max(1, min(max_new_tokens, self.n_ctx - len(tokens))),
+                        temperature=temperature, top_p=top_p, top_k=0, min_p=0.0,
+                        seed=sample_seed(sample_seed(seed, i, 0), 0, j), stop=[self.eos] if self.eos else None,
+                    )  # fmt: skip
+                    texts.append(res["choices"][0]["text"].strip())
+                out.append(texts if len(texts) == n else texts * n)
+                if on_done:
+                    on_done(1)
+            return out
+
+    return OneAtATime
 
 
 def _hf(loaded: Any) -> tuple[Any, Any]:

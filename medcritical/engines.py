@@ -190,8 +190,10 @@ class LlamaCppEngine:
     the call's prompts, settings and seed: callers cut their work in fixed
     chunks, so a resumed step regenerates what an uninterrupted one did.
 
-    ``batch_size=1`` (or a single sequence) takes the one-stream path through
-    ``create_completion``; its ``n`` samples reuse the evaluated prompt.
+    Batching changes no text: a sequence's tokens are the same whatever else
+    shares its batch (``tests/test_eval.py`` checks it token for token), so
+    ``batch_size`` only decides the speed. ``batch_size=1`` takes one prompt at
+    a time (its ``n`` samples still together).
     Sampling is temperature + top-p as in transformers (top-k and min-p off);
     llama.cpp applies top-p before the temperature, transformers after it.
     """
@@ -236,28 +238,14 @@ class LlamaCppEngine:
                  seed: int = 0, n: int = 1) -> list[str]:  # fmt: skip
         """``n`` completions of an already rendered ``prompt`` (greedy: one, repeated).
 
-        The KV cache is cleared first, so a prompt's samples never depend on what
-        was generated before it: a resumed step regenerates exactly what an
-        uninterrupted one did. Its ``n`` samples still share the evaluated prompt.
+        Every call starts from an empty KV cache, so a prompt's samples never
+        depend on what was generated before it: a resumed step regenerates
+        exactly what an uninterrupted one did. Its ``n`` samples share the
+        evaluated prompt and are decoded together.
         """
-        tokens = self.tokenize(prompt)
-        max_tokens = max(1, min(max_new_tokens, self.llm.n_ctx() - len(tokens)))
-        self.llm.reset()
-        outs = []
-        # Greedy decoding gives one answer however often it is asked: generate it once.
-        for j in range(n if temperature > 0 else 1):
-            res = self.llm.create_completion(
-                tokens,
-                max_tokens=max_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=0,
-                min_p=0.0,
-                seed=sample_seed(seed, 0, j),
-                stop=[self.eos] if self.eos else None,
-            )
-            outs.append(res["choices"][0]["text"].strip())
-        return outs if len(outs) == n else outs * n
+        streams = 1 if temperature <= 0 else n
+        texts = self._decode_together([self.tokenize(prompt)], [seed], streams, max_new_tokens, temperature, top_p)[0]
+        return texts if len(texts) == n else texts * n
 
     def generate(
         self, prompts, *, max_new_tokens, temperature=0.0, top_p=1.0, n=1, seed=0, on_done=None, batch_size: int = 1
@@ -269,13 +257,6 @@ class LlamaCppEngine:
         out: list[list[str]] = []
         for start in range(0, len(prompts), per):
             group = range(start, min(start + per, len(prompts)))
-            if batch_size <= 1 or len(group) * streams == 1:
-                prompt = self.render(prompts[start])
-                out.append(self.complete(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                                         top_p=top_p, seed=seeds[start], n=n))  # fmt: skip
-                if on_done:
-                    on_done(1)
-                continue
             done = self._decode_together(
                 [tokens[i] for i in group], [seeds[i] for i in group], streams, max_new_tokens, temperature, top_p,
                 on_done,
@@ -311,7 +292,7 @@ class LlamaCppEngine:
 
     def _decode_together(
         self, prompts: list[list[int]], seeds: list[int], streams: int, max_new_tokens: int,
-        temperature: float, top_p: float, on_done: Progress | None,
+        temperature: float, top_p: float, on_done: Progress | None = None,
     ) -> list[list[str]]:  # fmt: skip
         """``streams`` completions of each tokenized prompt, every sequence decoded in one batch."""
         import llama_cpp
@@ -323,7 +304,7 @@ class LlamaCppEngine:
         seqs = [(i, j) for i in range(len(prompts)) for j in range(streams)]
         per_seq = min(self.n_ctx, max(len(p) for p in prompts) + max_new_tokens)
         ctx = self._stream_context(len(seqs), per_seq)
-        room = self._streams[1]
+        room = min(self.n_ctx, self._streams[1])
         mem = llama_cpp.llama_get_memory(ctx.ctx)
         llama_cpp.llama_memory_clear(mem, True)
         vocab = self.llm._model.vocab

@@ -223,7 +223,17 @@ def check_gguf(path: str | Path) -> dict[str, Any]:
             return _parse(path, buf, size)
 
 
-def _parse(path: Path, buf: Any, size: int) -> dict[str, Any]:
+def header_layout(path: str | Path) -> dict[str, Any]:
+    """:func:`check_gguf`'s facts plus where each part of the header lies: ``kv_spans``, one
+    ``(key, start, end)`` byte range per metadata entry, and ``tensor_info_span``."""
+    facts = check_gguf(path)  # every error as a one-line UserError first
+    spans: dict[str, Any] = {}
+    with Path(path).open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        _parse(Path(path), buf, facts["file_size"], spans)
+    return facts | spans
+
+
+def _parse(path: Path, buf: Any, size: int, spans: dict[str, Any] | None = None) -> dict[str, Any]:
     r = _Reader(buf, size)
     r.pos = 4
     try:
@@ -239,7 +249,9 @@ def _parse(path: Path, buf: Any, size: int) -> dict[str, Any]:
         if kv_count >= 1 << 32 or tensor_count >= 1 << 32:
             raise UserError(f"{path}: corrupt GGUF header ({tensor_count} tensors, {kv_count} metadata keys)")
         meta: dict[str, Any] = {}
+        kv_spans = []
         for i in range(kv_count):
+            start = r.pos
             key = r.string().decode("utf-8", "replace")
             vtype = r.u32()
             try:
@@ -248,10 +260,12 @@ def _parse(path: Path, buf: Any, size: int) -> dict[str, Any]:
                 raise UserError(f"{path}: corrupt GGUF metadata: key {i} ({key!r}): {e}") from None
             if value is not None:
                 meta[key] = value
+            kv_spans.append((key, start, r.pos))
         alignment = meta.get("general.alignment", DEFAULT_ALIGNMENT)
         if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
             raise UserError(f"{path}: corrupt GGUF metadata: general.alignment = {alignment!r}")
         end = 0
+        tensor_info_start = r.pos
         for _ in range(tensor_count):
             name = r.string().decode("utf-8", "replace")
             n_dims = r.u32()
@@ -271,6 +285,8 @@ def _parse(path: Path, buf: Any, size: int) -> dict[str, Any]:
         raise UserError(
             f"{path}: truncated GGUF: the file ends inside its header, after {size} bytes; copy or download it again"
         ) from None
+    if spans is not None:
+        spans.update(kv_spans=kv_spans, tensor_info_span=(tensor_info_start, r.pos))
     data_offset = (r.pos + alignment - 1) // alignment * alignment
     if tensor_count and data_offset + end > size:
         raise UserError(
@@ -293,6 +309,20 @@ def _parse(path: Path, buf: Any, size: int) -> dict[str, Any]:
         "data_bytes": end,
         "metadata": meta,
     }
+
+
+def encode_kv(key: str, value: str | int | float) -> bytes:
+    """One GGUF metadata entry: a string, an int64 or a float64."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise TypeError(f"GGUF metadata {key!r}: a str, int or float, not {type(value).__name__}")
+    name = key.encode("utf-8")
+    head = struct.pack("<Q", len(name)) + name
+    if isinstance(value, str):
+        data = value.encode("utf-8")
+        return head + struct.pack("<IQ", _STRING, len(data)) + data
+    if isinstance(value, int):
+        return head + struct.pack("<Iq", 11, value)
+    return head + struct.pack("<Id", 12, value)
 
 
 @contextlib.contextmanager

@@ -60,7 +60,7 @@ CODE = {
     "dpo": 3,
     "eval": 3,
     "gguf": 3,
-    "export": 3,
+    "export": 4,
     "bundle": 2,
     "merge": 3,
 }

@@ -124,6 +124,56 @@ def test_export_passes_parity(exports, arch: str, pre: str) -> None:
     }
 
 
+def test_stamp_adds_metadata_and_copies_the_rest_byte_for_byte(exports, tmp_path: Path) -> None:
+    """The stamp rewrites only the header: PyPI gguf's reader (not ours) reads every old entry with its value,
+    the new and replaced ones once each, and the same tensors; the tensor data is the same bytes; llama.cpp
+    gives the same logits."""
+    import hashlib
+
+    import gguf
+    import numpy as np
+
+    from export.gguf import stamp
+    from medcritical.engines import LlamaCppEngine
+    from medcritical.gguf_file import check_gguf
+
+    src = exports["llama"][2] / "export" / "tiny-q8_0.gguf"
+    dst = tmp_path / "stamped.gguf"
+    new = {"medcritical.quant": "replaced", "medcritical.new_int": -7, "medcritical.new_float": 0.25,
+           "general.name": "renamed ünicode"}  # fmt: skip
+    stamp(src, dst, new)
+    a, b = gguf.GGUFReader(src), gguf.GGUFReader(dst)
+    assert set(b.fields) == set(a.fields) | set(new)
+    for key in a.fields:
+        if key not in new and not key.startswith("GGUF."):
+            fa, fb = a.fields[key], b.fields[key]
+            assert fa.types == fb.types and all(np.array_equal(x, y) for x, y in zip(fa.parts, fb.parts)), key
+    assert [b.fields[k].contents() for k in new] == list(new.values())
+    assert [(t.name, t.tensor_type, list(t.shape)) for t in a.tensors] == [
+        (t.name, t.tensor_type, list(t.shape)) for t in b.tensors
+    ]
+    fa, fb = check_gguf(src), check_gguf(dst)
+    assert fb["data_offset"] % fb["alignment"] == 0
+
+    def data(f: Path, facts: dict) -> str:
+        with f.open("rb") as h:
+            h.seek(facts["data_offset"])
+            return hashlib.sha256(h.read()).hexdigest()
+
+    assert data(src, fa) == data(dst, fb)
+    ids = None
+    logits = []
+    for f in (src, dst):
+        eng = LlamaCppEngine(f, n_ctx=256, n_threads=1)
+        ids = ids or eng.tokenize(eng.render([{"role": "user", "content": "Which option? A or B"}]))
+        logits.append(eng.next_token_logits(ids))
+        eng.close()
+    assert np.array_equal(logits[0], logits[1])
+    with pytest.raises(TypeError, match="medcritical.flag"):
+        stamp(src, tmp_path / "bad.gguf", {"medcritical.flag": True})
+    assert not list(tmp_path.glob(".bad.gguf*"))
+
+
 def test_rerun_skips_and_failed_gate_exits_nonzero(exports, capsys) -> None:
     from medcritical.artifacts import read_json, read_manifest
 
