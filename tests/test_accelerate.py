@@ -316,6 +316,7 @@ def write_round_recipe(tmp: Path, model: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # 1.5 min of a 30-minute CI budget; the SFT test above keeps accelerate in CI
 def test_round_dpo_on_two_processes_equals_one_process(self_correcting_model: Path, tmp_path: Path):
     """Round 1's rollouts, corrections and pairs on one process (as docs/multi-gpu.md says), then ``rounds
     --round 1 --only dpo`` under ``accelerate launch``: both ranks run DPO's 4 steps (8 pairs, 2 epochs of 2
