@@ -191,7 +191,7 @@ def _value(r: _Reader, vtype: int, depth: int = 0) -> Any:
     return None
 
 
-def check_gguf(path: str | Path) -> dict[str, Any]:
+def check_gguf(path: str | Path, *, spans: dict[str, Any] | None = None) -> dict[str, Any]:
     """Validate a GGUF's header without llama.cpp; raise a one-line UserError naming the file.
 
     Returns ``version``, ``architecture``, ``name``, ``tensor_count``,
@@ -220,17 +220,14 @@ def check_gguf(path: str | Path) -> dict[str, Any]:
                 raise UserError(f"{path}: truncated GGUF ({size} bytes)")
             raise UserError(f"{path}: not a GGUF file ({_sniff(head)})")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            return _parse(path, buf, size)
+            return _parse(path, buf, size, spans)
 
 
 def header_layout(path: str | Path) -> dict[str, Any]:
     """:func:`check_gguf`'s facts plus where each part of the header lies: ``kv_spans``, one
     ``(key, start, end)`` byte range per metadata entry, and ``tensor_info_span``."""
-    facts = check_gguf(path)  # every error as a one-line UserError first
     spans: dict[str, Any] = {}
-    with Path(path).open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        _parse(Path(path), buf, facts["file_size"], spans)
-    return facts | spans
+    return check_gguf(path, spans=spans) | spans
 
 
 def _parse(path: Path, buf: Any, size: int, spans: dict[str, Any] | None = None) -> dict[str, Any]:
