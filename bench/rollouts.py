@@ -126,13 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     from medcritical.data import load_recipe_data
     from medcritical.default_model import materialize
     from medcritical.engines import HFEngine, LlamaCppEngine
-
-    OneAtATime = _one_at_a_time()
     from medcritical.models import load_model, load_tokenizer
     from medcritical.policy import policy_gguf
     from medcritical.recipe import Recipe
     from medcritical.served import LlamaCppServer, VllmServer, vllm_available
 
+    OneAtATime = _one_at_a_time()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     torch.set_num_threads(a.threads)
