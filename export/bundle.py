@@ -116,6 +116,25 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def _shipped_hashes(run_dir: Any, ex: dict[str, Any], quants: list[str]) -> dict[str, str]:
+    """quant -> sha256 of each exported file the bundle may ship, hashed now: it must be the file the export
+    recorded, and the file the eval stage measured (the choice is made on those measurements)."""
+    from medcritical.steps import Step
+
+    hashes = {}
+    for q in quants:
+        if q not in ex["ggufs"]:
+            raise UserError(f"{run_dir.export}: has no {q} GGUF (made for other settings); run the export stage")
+        f = run_dir.export / ex["ggufs"][q]["file"]
+        h = sha256_file(f) if f.is_file() else None
+        if h != ex["ggufs"][q]["sha256"]:
+            raise UserError(f"{f}: missing or differs from what the export recorded; run the export stage again")
+        if (Step("eval", run_dir.quant_eval(q), {}).manifest() or {}).get("material", {}).get("gguf") != h:
+            raise UserError(f"{run_dir.quant_eval(q)}: not an evaluation of {f}; run the eval stage again")
+        hashes[q] = h
+    return hashes
+
+
 def run(recipe: Any, run_dir: Any, console: Console) -> dict[str, Any]:
     """Write ``<run>/bundle`` (see the module doc); returns what was shipped and why."""
     import yaml
@@ -130,18 +149,20 @@ def run(recipe: Any, run_dir: Any, console: Console) -> dict[str, Any]:
     if not summary_file.is_file():
         raise UserError(f"{summary_file}: no evaluation of the exported GGUFs; run the eval stage first")
     ev = read_json(summary_file)
+    cfg = recipe.export.ship
+    candidates = cfg.candidates or list(recipe.export.quants)
+    hashes = _shipped_hashes(run_dir, ex, [q for q in candidates if q in ev["quants"]])
     tf = {q: m.get("tf_answer_agreement") for q, m in ex["report"].get("models", {}).items()}
     quants = {
         q: r | {"size_bytes": ex["ggufs"][q]["size_bytes"], "tf_answer_agreement": tf.get(q)}
         for q, r in ev["quants"].items()
         if q in ex["ggufs"]
     }
-    cfg = recipe.export.ship
-    candidates = cfg.candidates or list(recipe.export.quants)
     ship, why = choose(quants, candidates, cfg.tolerance)
     lang = ship_language(recipe, run_dir.templates)
     material = {
         "export": Step("export", run_dir.export, {}).manifest()["key"],
+        "ggufs": hashes,
         "eval": sha256_json(ev),
         "ship": cfg.model_dump(),
         "candidates": candidates,
@@ -154,7 +175,7 @@ def run(recipe: Any, run_dir: Any, console: Console) -> dict[str, Any]:
     b = run_dir.bundle
     gguf = b / ex["ggufs"][ship]["file"]
     _link_or_copy(run_dir.export / ex["ggufs"][ship]["file"], gguf)
-    if sha256_file(gguf) != ex["ggufs"][ship]["sha256"]:
+    if sha256_file(gguf) != hashes[ship]:  # the copy is the file chosen
         raise UserError(f"{gguf}: differs from what the export recorded; run the export stage again")
     modelfile = write_modelfile(
         gguf, system=SYSTEM[lang], n_ctx=recipe.eval.n_ctx, num_predict=recipe.eval.max_new_tokens

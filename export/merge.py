@@ -7,9 +7,12 @@ base through bitsandbytes NF4 and dequantizes it first, so the merged model is
 exactly what the adapter saw in training, NF4 error included (docs/export.md
 has the trade-off).
 
-The merge runs in float32 and is saved in float32 by default, so the GGUF
-converter rounds to f16/bf16 once; ``dtype`` can save bfloat16/float16 to halve
-the disk for large bases.
+The merge runs in the dtype the base is stored in (:func:`compute_dtype`): a
+float32 base (the embedded default, the test models) in float32; a 16-bit one
+(Qwen2.5-7B and every other released 7B: bfloat16) in that 16-bit type, which
+halves the RAM (15 GB instead of 30 for 7B) and changes nothing that matters:
+the base's values are already 16-bit, and each merged weight is rounded once,
+as the float32 path's save does. ``dtype`` is what is saved.
 
 Adapters are merged in the order given. The pipeline passes only the last
 stage's adapter: each DPO round continues the previous adapter, so it alone
@@ -19,11 +22,13 @@ on the weights they are added to, so stacking equals merging one by one).
 The check: logits of the unmerged model (base + active adapters) and of the
 merged one on a few chat prompts, every position, reported as
 ``max |merged - unmerged| / max |unmerged|`` (max-abs relative error). In
-float32 it is about 1e-6; a large value means the merge itself went wrong.
+float32 it is about 1e-6, in bfloat16 about 1e-2 (both sides round in 16 bits); a
+large value means the merge itself went wrong.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -87,16 +92,26 @@ def rel_error(a: Any, b: Any) -> float:
     return float(abs(a - b).max() / max(float(abs(b).max()), 1e-30))
 
 
-def _load_base(name: str, merge_into: str) -> Any:
+def compute_dtype(name: str) -> str:
+    """The dtype the merge runs in: the base's stored dtype when it is 16-bit, else float32."""
+    try:
+        cfg = json.loads((Path(name) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "float32"
+    stored = cfg.get("dtype") or cfg.get("torch_dtype")
+    return stored if stored in ("bfloat16", "float16") else "float32"
+
+
+def _load_base(name: str, merge_into: str, dtype: str) -> Any:
     import torch
 
     from medcritical.models import load_causal_lm
 
     nf4 = merge_into == "dequantized4bit"
-    model = load_causal_lm(name, torch.float32, four_bit=nf4, on_gpu=nf4, what="base model")
+    model = load_causal_lm(name, getattr(torch, dtype), four_bit=nf4, on_gpu=nf4, what="base model")
     if nf4:
         # transformers replaces each Linear4bit by a float Linear holding the NF4 values.
-        model = model.dequantize().to("cpu", torch.float32)
+        model = model.dequantize().to("cpu", getattr(torch, dtype))
     return model.eval()
 
 
@@ -147,7 +162,8 @@ def merge_adapters(
     tok_src = adapter_paths[-1] if adapter_paths and (adapter_paths[-1] / "tokenizer_config.json").exists() else name
     tok = load_tokenizer(str(tok_src))
     fixed = normalize_tokenizer(tok)
-    model = _load_base(name, merge_into)
+    compute = compute_dtype(name)
+    model = _load_base(name, merge_into, compute)
     err = None
     if adapter_paths:
         from peft import PeftModel
@@ -171,7 +187,8 @@ def merge_adapters(
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         seconds = round(time.perf_counter() - t0, 2)
-        metrics = {"rel_error": err, "seconds": seconds, "n_params": n_params, "tokenizer_fixed": fixed}
+        metrics = {"rel_error": err, "seconds": seconds, "n_params": n_params, "tokenizer_fixed": fixed,
+                   "compute_dtype": compute}  # fmt: skip
         atomic_write_json(
             tmp / "merge.json",
             {

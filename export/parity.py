@@ -141,15 +141,37 @@ def greedy_generate(
         )
 
 
-def load_merged(merged_dir: str | Path) -> tuple[Any, Any]:
-    """The merged model (float32, on the CPU, eval mode) and its tokenizer."""
+def reference_placement(merged_dir: str | Path) -> tuple[str, str]:
+    """(device, dtype) of the reference the GGUFs are held to.
+
+    A CUDA GPU with room for the merged model: there, in the dtype it was saved
+    in. Else the CPU: float32 up to 2B parameters (exact logits, a few GB), the
+    saved 16-bit dtype above (a 7B in float32 would take 30 GB of RAM).
+    """
+    from export.merge import compute_dtype
+    from medcritical.models import cuda_available
+
+    stored = compute_dtype(str(merged_dir))
+    size = sum(p.stat().st_size for p in Path(merged_dir).glob("*.safetensors"))
+    if cuda_available():
+        import torch
+
+        if torch.cuda.mem_get_info()[0] > 1.2 * size:
+            return "cuda", stored
+    params = size / (4 if stored == "float32" else 2)
+    return "cpu", "float32" if params <= 2e9 else stored
+
+
+def load_merged(merged_dir: str | Path, placement: tuple[str, str] | None = None) -> tuple[Any, Any]:
+    """The merged model (eval mode, placed by :func:`reference_placement` unless given) and its tokenizer."""
     import torch
     from transformers import AutoTokenizer
 
     from medcritical.models import load_causal_lm
 
+    device, dtype = placement or reference_placement(merged_dir)
     tok = AutoTokenizer.from_pretrained(merged_dir)
-    model = load_causal_lm(merged_dir, torch.float32, on_gpu=False, what="merged model")
+    model = load_causal_lm(merged_dir, getattr(torch, dtype), on_gpu=device == "cuda", what="merged model")
     return model.eval(), tok
 
 
@@ -271,7 +293,12 @@ def _reply_slots(tok: Any, prompt_ids: list[int], gen: list[int], reply: str, at
 
 
 def hf_references(
-    merged_dir: str | Path, records: Sequence[MCQ], *, language: str = "auto", max_new_tokens: int = 64
+    merged_dir: str | Path,
+    records: Sequence[MCQ],
+    *,
+    language: str = "auto",
+    max_new_tokens: int = 64,
+    placement: tuple[str, str] | None = None,
 ) -> tuple[list[Reference], set[int]]:
     """Prompt, token ids, logits, greedy reply and answer of the merged model, per question.
 
@@ -284,7 +311,7 @@ def hf_references(
     """
     import torch
 
-    model, tok = load_merged(merged_dir)
+    model, tok = load_merged(merged_dir, placement)
     eos = model.generation_config.eos_token_id
     stop = {int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None}
     if tok.eos_token_id is not None:
@@ -295,15 +322,15 @@ def hf_references(
         lang = choose_lang(r.question, language)
         msgs = question_messages(r.question, r.options, r.multi, lang)
         text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
+        ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids.to(model.device)
         out = greedy_generate(model, ids, max_new_tokens, pad_token_id=pad, eos_token_id=sorted(stop))
         gen = [t for t in out[0, ids.shape[1] :].tolist() if t not in stop]
         letters = list(r.options)
         answer = _answer(tok.decode(gen, skip_special_tokens=True), letters)
         prompt = ids[0].tolist()
         with torch.inference_mode():
-            full = torch.tensor([prompt + gen])
-            rows = model(input_ids=full, logits_to_keep=len(gen) + 1).logits[0].float()
+            full = torch.tensor([prompt + gen], device=model.device)
+            rows = model(input_ids=full, logits_to_keep=len(gen) + 1).logits[0].float().cpu()
             reply = tok.decode(gen, skip_special_tokens=False)
             prefix, decided_at = decision_prefix(reply, letters, lang)
             contexts, slots = [], {}
@@ -312,7 +339,8 @@ def hf_references(
             if not slots:
                 contexts, slots = _text_slots(tok, prompt, prefix, letters)
             decision_logits = [
-                model(input_ids=torch.tensor([c]), logits_to_keep=1).logits[0, -1].float() for c in contexts
+                model(input_ids=torch.tensor([c], device=model.device), logits_to_keep=1).logits[0, -1].float().cpu()
+                for c in contexts
             ]
         ref = Reference(r.id, msgs, letters, text, prompt, rows[0].numpy(), gen, answer)
         ref.top1 = rows.argmax(-1).tolist()
@@ -574,7 +602,10 @@ def run_parity(
         raise UserError(f"parity: no {gated} GGUF to gate")
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
-    refs, stop = hf_references(merged_dir, records, language=language, max_new_tokens=max_new_tokens)
+    placement = reference_placement(merged_dir)
+    refs, stop = hf_references(
+        merged_dir, records, language=language, max_new_tokens=max_new_tokens, placement=placement
+    )
     # Just the context the longest sequence needs (rounded up): less memory than a default 4096.
     longest = max(max(len(r.ids) + max_new_tokens, len(r.ids) + len(r.generated), *map(len, r.contexts)) for r in refs)
     n_ctx = -(-(longest + 1) // 256) * 256
@@ -593,6 +624,7 @@ def run_parity(
         "language": language,
         "rel_error_definition": REL_ERROR,
         "free_run": free_run,
+        "reference_on": dict(zip(("device", "dtype"), placement)),
         "models": models,
         **(extra or {}),
         "seconds": round(time.perf_counter() - t0, 2),

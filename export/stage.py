@@ -14,7 +14,10 @@
    the ``eval`` stage, which evaluates them on the dev split anyway.
 
 One step (:mod:`medcritical.steps`) keyed by the build, the selected adapter,
-the export and eval settings and the parity questions.
+the export and eval settings, the parity questions, the prompts, the grader and the
+libraries that run the parity check. A run's policy is exported only when the stages
+it comes from (teach, sft, rounds) are complete for the recipe given, so the recipe
+stamped is the one the policy was trained with.
 """
 
 from __future__ import annotations
@@ -69,6 +72,60 @@ def provenance(recipe: Any, run_dir: RunDir, selected: dict[str, Any]) -> dict[s
     return values
 
 
+def export_step(
+    recipe: Any,
+    run_dir: RunDir,
+    selected: dict[str, Any],
+    base: str,
+    build_key: str,
+    hashes: dict[str, str | None],
+    free_run: bool,
+) -> tuple[Step, dict[str, str | int], list[Any]]:
+    """The export's step for the policy ``selected``, built (by the build step ``build_key``) into GGUFs
+    with ``hashes``; also the metadata it stamps and the parity questions."""
+    from medcritical.data import eval_records
+    from medcritical.grading import GRADER_VERSION
+    from medcritical.prompts import prompt_wording
+    from medcritical.steps import library_versions
+
+    records = eval_records(recipe)[: recipe.export.parity_questions]
+    stamped = provenance(recipe, run_dir, selected) | {"medcritical.base_model": base}
+    material = {
+        "free_run": free_run,
+        "build": build_key,
+        "ggufs": hashes,
+        "export": recipe.export.model_dump(),
+        "name": recipe.name,
+        "questions": [r.id for r in records],
+        "max_new_tokens": recipe.eval.max_new_tokens,
+        "language": recipe.language,
+        "metadata": stamped,
+        "prompts": prompt_wording(records, recipe.language),
+        "grader": GRADER_VERSION,
+        "libraries": library_versions("torch", "transformers", "llama_cpp_python"),  # the parity check's
+    }
+    return Step("export", run_dir.export, material, stale_root=run_dir.stale, label="export"), stamped, records
+
+
+def _types(cfg: Any) -> list[str]:
+    return list(dict.fromkeys([cfg.outtype, *cfg.quants]))
+
+
+def check(recipe: Any, run_dir: RunDir, console: Console) -> None:
+    """Refuse unless the export is complete for this recipe and the policy the rounds selected."""
+    from medcritical.policy import selected_policy
+
+    from .build import build_step, gguf_name
+
+    cfg = recipe.export
+    _, selected = selected_policy(run_dir)
+    base = recipe.model.name_or_path
+    build = build_step(base, selected["hash"], run_dir.policies, merge_into=cfg.merge_into, outtype=cfg.outtype)
+    outputs = (build.manifest() or {}).get("outputs", {})
+    hashes = {q: outputs.get(gguf_name(q), {}).get("sha256") for q in _types(cfg)}
+    export_step(recipe, run_dir, selected, base, build.key, hashes, free_run=False)[0].require()
+
+
 def run(
     recipe: Any,
     run_dir: RunDir,
@@ -86,7 +143,7 @@ def run(
     parity report (the pipeline compares them in its eval stage instead).
     """
     from medcritical.artifacts import sha256_tree
-    from medcritical.data import eval_records
+    from medcritical.pipeline import check_upstream
     from medcritical.policy import selected_policy
 
     from .build import build_gguf
@@ -95,31 +152,19 @@ def run(
 
     cfg = recipe.export
     if explicit is None:
+        check_upstream("export", recipe, run_dir, console)  # stamp the recipe the policy was trained with
         base = recipe.model.name_or_path
         adapter, selected = selected_policy(run_dir)
     else:
         base, adapter = explicit
         h = sha256_tree(adapter) if adapter is not None else None
         selected = {"round": -1, "hash": h or "none", "chain": [{"adapter": str(adapter), "hash": h}]}
-    types = list(dict.fromkeys([cfg.outtype, *cfg.quants]))
+    types = _types(cfg)
     build = build_gguf(
         base, adapter, run_dir.policies, types, adapter_hash=selected["hash"] if adapter else None,
         merge_into=cfg.merge_into, outtype=cfg.outtype, keep_intermediate=True, console=console,
     )  # fmt: skip
-    records = eval_records(recipe)[: cfg.parity_questions]
-    stamped = provenance(recipe, run_dir, selected) | {"medcritical.base_model": base}
-    material = {
-        "free_run": free_run,
-        "build": build.key,
-        "ggufs": build.hashes,
-        "export": cfg.model_dump(),
-        "name": recipe.name,
-        "questions": [r.id for r in records],
-        "max_new_tokens": recipe.eval.max_new_tokens,
-        "language": recipe.language,
-        "metadata": stamped,
-    }
-    step = Step("export", run_dir.export, material, stale_root=run_dir.stale, label="export")
+    step, stamped, records = export_step(recipe, run_dir, selected, base, build.key, build.hashes, free_run)
     if step.begin(console) == "complete":
         console.print(f"[green]export: up to date[/] ({run_dir.export}, round {selected['round']})")
         return step.metrics()

@@ -214,7 +214,9 @@ def model_fingerprint(name_or_path: str | Path) -> str:
     A local directory: its file names and sizes, small files (config, tokenizer)
     hashed whole and weight files by their first and last 4 MiB, so a 15 GB
     base is identified in milliseconds and a changed file still changes the
-    key. Anything else (a hub name) is identified by its name.
+    key. A Hugging Face cache snapshot links its large files to blobs named by
+    their sha256: that name is the whole file's hash, taken as it is. Anything
+    else (an unresolved name) is identified by its name.
     """
     path = Path(name_or_path)
     if not path.exists():
@@ -227,6 +229,10 @@ def model_fingerprint(name_or_path: str | Path) -> str:
             continue
         size = p.stat().st_size
         h.update(f"{p.relative_to(path)}:{size}:".encode())
+        blob = p.resolve()
+        if p.is_symlink() and blob.parent.name == "blobs" and len(blob.name) == 64:
+            h.update(blob.name.encode())  # the hub's sha256 of the whole file
+            continue
         with open(p, "rb") as f:
             if size <= 64 << 20:
                 h.update(hashlib.sha256(f.read()).digest())

@@ -112,6 +112,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .data import load_recipe_data, records_hash
     from .engines import is_gguf, open_engine
     from .evaluate import eval_step, evaluate, print_summary
+    from .grading import GRADER_VERSION
+    from .prompts import prompt_wording
+    from .steps import library_versions
 
     recipe = _recipe(args)
     ev = recipe.eval
@@ -130,10 +133,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .gguf_file import check_gguf
 
         check_gguf(model)  # a missing, truncated or foreign file: one line, before anything is written
+    if is_gguf(model):
+        engine = {"libraries": library_versions("llama_cpp_python")}
+    else:  # as open_engine loads it; its resolved backend, dtype and libraries
+        from .training import stack
+
+        engine = stack(recipe.model.model_copy(update={"load_in_4bit": args.load_in_4bit}))
     settings = {
         "model": sha256_file(model) if is_gguf(model) else model_fingerprint(_resolved(model)),
         "adapter": _adapter_hash(args.adapter),
         "load_in_4bit": args.load_in_4bit,
+        "engine": engine,
+        "prompts": prompt_wording(records, recipe.language),
+        "grader": GRADER_VERSION,
         "questions": records_hash(records),
         "mode": mode,
         "max_new_tokens": args.max_new_tokens or ev.max_new_tokens,
@@ -225,7 +237,7 @@ def cmd_rounds(args: argparse.Namespace) -> int:
     recipe = _recipe(args)
     run_dir = RunDir.of(recipe)
     with run_lock(run_dir.root, f"medcritical rounds --round {args.round} {args.recipe}"):
-        start, start_hash = round_start(run_dir, args.round)
+        start, start_hash = round_start(recipe, run_dir, args.round, err_console)
         row = run_round(recipe, run_dir, args.round, start, start_hash, err_console, only=args.only)
     out_console.print(row)
     return 0
@@ -274,6 +286,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import run_pipeline
 
     return run_pipeline(args.recipe, args.overrides or [], start=args.start, only=args.only, console=err_console)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from .plan import make_plan, render
+
+    plan = make_plan(_recipe(args), args.recipe, gpu_gb=args.gpu_gb, ram_gb=args.ram_gb, disk_gb=args.disk_gb)
+    if args.json:
+        sys.stdout.write(json.dumps(plan.to_json(), indent=2) + "\n")
+    else:
+        render(plan, out_console)
+    return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -340,6 +365,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--from", dest="start", choices=list(STAGES), help="start at this stage (earlier ones must be done)")
     s.add_argument("--only", choices=list(STAGES), help="run only this stage")
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("plan", help="estimate GPU memory, RAM and disk per stage (loads no model); fits or not")
+    _add_recipe(s)
+    for name, what in (("gpu", "GPU memory (default: the recipe's 'Sized for' line, else the GPU here)"),
+                       ("ram", "RAM"), ("disk", "free disk")):  # fmt: skip
+        s.add_argument(f"--{name}-gb", type=float, metavar="N", help=f"{what}, in GiB")
+    s.add_argument("--json", action="store_true", help="print the plan as JSON, every term with its reason")
+    s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("teach", help="write verified chain-of-thought templates for the train questions")
     _add_recipe(s)

@@ -163,10 +163,40 @@ def materialize(target: Path | None = None, force: bool = False) -> Path:
 
 
 def resolve_model(name_or_path: str) -> str:
-    """Map ``default`` to the materialized directory; other names pass through."""
+    """The local directory a model name stands for.
+
+    ``default``: the materialized embedded model. A path that exists: itself. A
+    hub name (``Qwen/Qwen2.5-7B-Instruct``): its snapshot in the local Hugging
+    Face cache, never a download (the kit runs offline), so training, vLLM and
+    export all read the same files, and step keys hash those files, not the name.
+    """
     if name_or_path == DEFAULT_NAME:
         return str(materialize())
-    return name_or_path
+    if Path(name_or_path).exists() or not is_hub_name(name_or_path):
+        return name_or_path
+    return str(hub_snapshot(name_or_path))
+
+
+def is_hub_name(name: str) -> bool:
+    """``owner/name`` as the Hugging Face hub spells a repository (and no such local path)."""
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and not Path(name).exists()
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The cached snapshot of ``repo_id`` (``local_files_only``), or a one-line error saying how to get it."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError:
+        raise UserError(f"{repo_id}: not a local directory (huggingface_hub is not installed to look it up)") from None
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise UserError(
+            f"{repo_id}: not a local directory and not in the Hugging Face cache; medcritical never downloads: "
+            f"fetch it once (`hf download {repo_id}`) or give a local directory"
+        ) from None
 
 
 def default_tokenizer() -> object:

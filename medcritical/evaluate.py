@@ -3,9 +3,10 @@
 :func:`evaluate` writes ``predictions.jsonl`` (one row per question: prompt, raw
 output, parsed answer, correct) as it goes, so an interrupted evaluation resumes
 where it stopped, then ``summary.json``. Every evaluation is a step
-(:mod:`medcritical.steps`) keyed by the questions, the generation settings and
-the model (base fingerprint, adapter hash or GGUF hash, engine): a changed
-data split, adapter or setting evaluates afresh, never mixes rows.
+(:mod:`medcritical.steps`) keyed by the questions, the generation settings, the
+prompts, the grader's version and the model (base fingerprint, adapter hash or
+GGUF hash, engine with its library versions): a changed data split, adapter or
+setting evaluates afresh, never mixes rows.
 
 :func:`eval_policy` evaluates a policy (base + adapter, or an exported GGUF) as
 the rounds and the stage do; :func:`run` is the ``eval`` stage: the untrained
@@ -28,8 +29,8 @@ from .artifacts import JsonlLog, atomic_write_json, model_fingerprint, read_json
 from .data import MCQ, eval_records, records_hash
 from .engines import Engine
 from .errors import UserError
-from .grading import extract_answer, grade
-from .prompts import HEADINGS, choose_lang, question_messages
+from .grading import GRADER_VERSION, extract_answer, grade
+from .prompts import HEADINGS, choose_lang, prompt_wording, question_messages
 from .runtime import Ticker
 from .steps import Step, derive_seed, pending_chunks
 
@@ -205,23 +206,51 @@ def print_summary(summary: dict[str, Any], title: str, console: Console) -> None
 # ---- policies and the eval stage ------------------------------------------------------------------
 
 
+def engine_material(recipe: Any) -> dict[str, Any]:
+    """What the policy engine contributes to the key of a step it generates for: its settings
+    (:func:`medcritical.policy.engine_settings`) and what makes its numbers on this machine: the transformers
+    engine's resolved backend, dtype and libraries, the versions that build and run a policy's GGUF on
+    llama.cpp, or vLLM's version in its venv."""
+    from .policy import engine_settings
+
+    settings = engine_settings(recipe)
+    kind = settings["engine"]
+    if kind == "transformers":
+        from .training import stack
+
+        return settings | stack(recipe.model)
+    if kind in ("llamacpp", "llamacpp-server"):
+        from export.build import build_libraries
+
+        return settings | {"libraries": build_libraries()}
+    if kind == "vllm":
+        from .served import vllm_venv
+
+        found = sorted((vllm_venv() / "lib").glob("python3*/site-packages/vllm*-*.dist-info"))
+        return settings | {"vllm": found[-1].name.removesuffix(".dist-info") if found else None}
+    return settings  # a server of your own: its settings are all that is known of it
+
+
 def policy_material(
     recipe: Any, records: Sequence[MCQ], *, adapter_hash: str | None = None, gguf_hash: str | None = None
 ) -> dict[str, Any]:
-    """The key of a policy's evaluation: questions, generation settings, and what generates."""
+    """The key of a policy's evaluation: questions, generation settings, prompts, grader and what generates."""
     from .default_model import resolve_model
-    from .policy import engine_settings
+    from .steps import library_versions
 
     m: dict[str, Any] = {
         "questions": records_hash(records),
         "eval": recipe.eval.model_dump(),
         "language": recipe.language,
         "seed": recipe.seed,
+        "prompts": prompt_wording(records, recipe.language),
+        "grader": GRADER_VERSION,
     }
     if gguf_hash is not None:
-        return m | {"gguf": gguf_hash, "engine": "llamacpp", "n_ctx": recipe.eval.n_ctx}
+        return m | {"gguf": gguf_hash, "engine": "llamacpp", "n_ctx": recipe.eval.n_ctx,
+                    "libraries": library_versions("llama_cpp_python")}  # fmt: skip
     base = model_fingerprint(resolve_model(recipe.model.name_or_path))
-    return m | {"base": base, "adapter": adapter_hash} | engine_settings(recipe)
+    return m | {"base": base, "adapter": adapter_hash} | engine_material(recipe)
 
 
 def eval_policy(
@@ -235,11 +264,13 @@ def eval_policy(
     gguf_hash: str | None = None,
     stale_root: Path | None = None,
     label: str | None = None,
+    check: bool = False,
 ) -> dict[str, Any]:
     """``recipe.eval``'s accuracy of base + ``adapter`` (None: the untrained base) on its engine
     (:mod:`medcritical.policy`), or of ``gguf`` on llama.cpp; a step in ``out``.
 
-    Returns ``summary.json``'s content (accuracy, parse_rate, engine, ...).
+    Returns ``summary.json``'s content (accuracy, parse_rate, engine, ...). ``check``: evaluate
+    nothing; the step must be complete for these inputs (UserError otherwise).
     """
     from .artifacts import sha256_file, sha256_tree
     from .policy import open_policy
@@ -254,7 +285,9 @@ def eval_policy(
         material = policy_material(recipe, records, adapter_hash=adapter_hash)
     name = label or (gguf.name if gguf is not None else "base" if adapter is None else str(adapter))
     step = eval_step(out, material, stale_root, label=f"eval {name}")
-    if step.begin(console) == "complete":
+    if check:
+        step.require()
+    if check or step.begin(console) == "complete":
         return read_json(out / "summary.json")
     engine = open_policy(recipe, adapter, console, gguf=gguf, adapter_hash=adapter_hash)
     ev = recipe.eval
@@ -298,16 +331,17 @@ def agreement(predictions: Path, reference: dict[str, list[str] | None]) -> dict
     }
 
 
-def run(recipe: Any, run_dir: Any, console: Console) -> dict[str, Any]:
+def run(recipe: Any, run_dir: Any, console: Console, check: bool = False) -> dict[str, Any]:
     """The ``eval`` stage: the untrained base and every exported quant on the dev split.
 
     Writes ``<run>/eval/summary.json``: ``base`` and ``quants`` (each quant's
     accuracy and parse rate on the split, and on the export's parity questions its
     accuracy and agreement beside the merged model's, see :func:`agreement`).
+    ``check``: evaluate and write nothing; every evaluation must be complete for this recipe.
     """
     from .steps import Step
 
-    base = eval_policy(recipe, None, run_dir.base_eval, console, stale_root=run_dir.stale, label="base")
+    base = eval_policy(recipe, None, run_dir.base_eval, console, stale_root=run_dir.stale, label="base", check=check)
     export = Step("export", run_dir.export, {})
     m = export.manifest() or {}
     if m.get("status") != "complete":
@@ -322,11 +356,19 @@ def run(recipe: Any, run_dir: Any, console: Console) -> dict[str, Any]:
         info = ggufs[q]
         res = eval_policy(
             recipe, None, run_dir.quant_eval(q), console, gguf=run_dir.export / info["file"],
-            gguf_hash=info["sha256"], stale_root=run_dir.stale, label=q,
+            gguf_hash=info["sha256"], stale_root=run_dir.stale, label=q, check=check,
         )  # fmt: skip
         quants[q] = (
             res | {"file": info["file"], "quant": q} | agreement(run_dir.quant_eval(q) / "predictions.jsonl", reference)
         )
     summary = {"split": recipe.eval.split, "base": base, "quants": quants, "parity_questions": len(reference)}
-    atomic_write_json(run_dir.eval / "summary.json", summary)
+    if check and (not (run_dir.eval / "summary.json").is_file() or read_json(run_dir.eval / "summary.json") != summary):
+        raise UserError(f"{run_dir.eval / 'summary.json'}: not written from these evaluations")
+    if not check:
+        atomic_write_json(run_dir.eval / "summary.json", summary)
     return summary
+
+
+def check(recipe: Any, run_dir: Any, console: Console) -> None:
+    """Refuse unless every evaluation of the eval stage is complete for this recipe."""
+    run(recipe, run_dir, console, check=True)

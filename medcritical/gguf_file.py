@@ -29,6 +29,7 @@ import ctypes
 import mmap
 import os
 import struct
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -371,12 +372,48 @@ def load_errors(path: str | Path, facts: dict[str, Any]) -> Iterator[None]:
 
 
 def open_llama(path: str | Path, **kwargs: Any) -> Any:
-    """``llama_cpp.Llama(model_path=path, **kwargs)`` after :func:`check_gguf`; failures are one-line UserErrors."""
+    """``llama_cpp.Llama(model_path=path, **kwargs)`` after :func:`check_gguf`; failures are one-line UserErrors.
+
+    When llama.cpp was built for a GPU (``setup.sh --gpu`` builds it for CUDA), the model's layers go there,
+    as many as fit (:func:`gpu_layers`): evaluation, the export's parity check, chat and serve run there.
+    """
     from llama_cpp import Llama
 
     facts = check_gguf(path)
     if not facts["tensor_count"] and not kwargs.get("vocab_only"):
         raise UserError(f"{path}: GGUF without tensors (a vocabulary-only file?): no model to run")
     kwargs.setdefault("verbose", False)
+    if not kwargs.get("vocab_only"):
+        kwargs.setdefault("n_gpu_layers", gpu_layers(facts))
     with load_errors(path, facts):
         return Llama(model_path=str(path), **kwargs)
+
+
+GPU_RESERVE = 1.5 * 2**30  # left free on the GPU: llama.cpp's CUDA context, compute buffers and KV cache
+
+
+def gpu_layers(facts: dict[str, Any]) -> int:
+    """How many layers of a GGUF (``check_gguf``'s facts) to offload: 0 on a build without GPU support; all (-1)
+    when the file fits in the GPU's free memory less :data:`GPU_RESERVE`; else the share of layers that does (a
+    12 GB card holds a 7B q8_0, not its f16 the parity check also runs), the rest staying on the CPU."""
+    from llama_cpp import llama_supports_gpu_offload
+
+    if not llama_supports_gpu_offload():
+        return 0
+    free = _free_gpu_bytes()
+    need = facts["data_bytes"]
+    if free is None or need + GPU_RESERVE <= free:
+        return -1
+    layers = int((facts["metadata"] or {}).get(f"{facts['architecture']}.block_count") or 0)
+    return max(0, int(layers * (free - GPU_RESERVE) / need))
+
+
+def _free_gpu_bytes() -> int | None:
+    """Free memory of the first visible NVIDIA GPU, from nvidia-smi (the inference install has no torch)."""
+    first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip() or "0"
+    query = ["nvidia-smi", "-i", first, "--query-gpu=memory.free", "--format=csv,noheader,nounits"]
+    try:
+        out = subprocess.run(query, capture_output=True, text=True, timeout=30, check=True).stdout
+        return int(float(out.split()[0]) * 2**20)
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None

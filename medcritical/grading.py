@@ -32,6 +32,9 @@ from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 MAX_LETTERS = 10  # no exam has more options; a longer letter list is noise, not an answer
+# In the key of every step that grades (evaluations, rollouts, corrections, pairs, teacher replies, parity):
+# bump it when either reader would read some reply differently, so grades made by the old reader are redone.
+GRADER_VERSION = 1
 
 # ---- normalization ---------------------------------------------------------------------
 

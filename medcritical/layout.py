@@ -5,7 +5,7 @@ Stages never spell each other's paths: they ask a :class:`RunDir` (``run.sft_ada
 
     <run>/
       manifest.json  report.md  report.png  report.json     the run (pipeline)
-      .lock  .stale/  .pipeline/                            one process at a time; replaced work; stage logs
+      .lock  .stale/  .pipeline/                            one process at a time; replaced work; stage logs, recipe
       cache/teach/                                          teacher calls (a cache: safe to delete)
       teach/        templates.jsonl  rejected.jsonl         step "teach"
       sft/          adapter/  checkpoints/  metrics.jsonl   step "sft"
@@ -109,6 +109,11 @@ class RunDir:
     def stage_log(self, stage: str) -> Path:
         """What a stage's process did (its steps' outcomes and metrics), for the pipeline."""
         return self.root / ".pipeline" / f"{stage}.json"
+
+    @property
+    def pipeline_recipe(self) -> Path:
+        """The recipe a ``run`` resolved once (file and overrides), which its stage processes read."""
+        return self.root / ".pipeline" / "recipe.yaml"
 
     # teach
     @property

@@ -3,13 +3,19 @@
     teach -> sft -> rounds -> export -> eval -> bundle
 
 Each stage is a function ``run(recipe, run_dir, console) -> metrics`` (:data:`STAGES`)
-and runs in its own child process (``python -m medcritical.pipeline STAGE RECIPE
-[key=value ...]``), for three reasons: its peak memory is its own (measured with
-``wait4``), the memory of one stage is returned to the system before the next
-starts, and a crash in one stage cannot leave another's state half-built in the
-same interpreter. The child dies with the parent (``PR_SET_PDEATHSIG``), and the
+and runs in its own child process (``python -m medcritical.pipeline STAGE RECIPE``),
+for three reasons: its peak memory is its own (measured with ``wait4``), the
+memory of one stage is returned to the system before the next starts, and a
+crash in one stage cannot leave another's state half-built in the same
+interpreter. The child dies with the parent (``PR_SET_PDEATHSIG``), and the
 parent holds the run directory's lock (:func:`medcritical.steps.run_lock`), so a
 second ``run`` on the same directory fails at once instead of writing the same files.
+
+The recipe is read once: the parent resolves the file and its overrides and writes the result to
+``<run>/.pipeline/recipe.yaml``, which every child reads, so editing the file mid-run changes nothing
+until the next run. With ``--from`` or ``--only`` the earlier stages are not run; a child first checks
+that what they left is complete for this recipe (:data:`CHECKS`), or the run is refused in one line
+naming the stage and what changed, before anything starts.
 
 Stages skip or resume their own steps (:mod:`medcritical.steps`); each child
 writes what its steps did to ``<run>/.pipeline/<stage>.json``, and the pipeline
@@ -46,9 +52,33 @@ STAGES = {
 }
 
 
-def stage_function(stage: str) -> Callable[[Recipe, RunDir, Console], dict[str, Any]]:
-    module, name = STAGES[stage].split(":")
+# stage -> "module:function" check(recipe, run_dir, console): raises UserError unless what the stage made is
+# complete for the recipe; it runs and writes nothing.
+CHECKS = {
+    "teach": "medcritical.teach:check",
+    "sft": "medcritical.sft:check",
+    "rounds": "medcritical.rounds:check",
+    "export": "export.stage:check",
+    "eval": "medcritical.evaluate:check",
+}
+
+
+def _function(spec: str) -> Callable[..., Any]:
+    module, name = spec.split(":")
     return getattr(importlib.import_module(module), name)
+
+
+def stage_function(stage: str) -> Callable[[Recipe, RunDir, Console], dict[str, Any]]:
+    return _function(STAGES[stage])
+
+
+def check_upstream(stage: str, recipe: Recipe, run_dir: RunDir, console: Console) -> None:
+    """Refuse (UserError, one line) unless every stage before ``stage`` is complete for ``recipe``."""
+    for up in list(STAGES)[: list(STAGES).index(stage)]:
+        try:
+            _function(CHECKS[up])(recipe, run_dir, console)
+        except UserError as e:
+            raise UserError(f"{e}; run the {up} stage first") from None
 
 
 def select_stages(start: str | None = None, only: str | None = None) -> list[str]:
@@ -102,13 +132,18 @@ def run_pipeline(
     console: Console | None = None,
 ) -> int:
     """Run the selected stages; write the run manifest and report. Returns an exit code."""
+    import yaml
+
+    from .artifacts import atomic_write_text
     from .data import load_recipe_data, records_hash
+    from .plan import refuse_if_too_big
     from .report import print_final, write_run_report
     from .steps import run_lock
 
     console = console or Console(stderr=True)
     stages = select_stages(start, only)
     recipe = load_recipe(recipe_path, list(overrides))
+    refuse_if_too_big(recipe, recipe_path, stages)  # on a CUDA GPU: a stage that would not fit fails now, in one line
     run_dir = RunDir.of(recipe)
     train = load_recipe_data(recipe.data, split="train", console=console)
     dev = load_recipe_data(recipe.data, split=recipe.eval.split)
@@ -125,6 +160,11 @@ def run_pipeline(
                 status=status, stages=record, recipe_file=str(recipe_path), overrides=list(overrides),
             )  # fmt: skip
 
+        resolved = run_dir.pipeline_recipe
+        atomic_write_text(resolved, yaml.safe_dump(recipe.dump(), sort_keys=False, allow_unicode=True))
+        child = [sys.executable, "-m", "medcritical.pipeline"]
+        if stages[0] != list(STAGES)[0] and _run_child([*child, "--check-upstream", stages[0], str(resolved)])[0]:
+            return 1  # the check said why, in one line
         console.rule(f"[bold]medcritical run {recipe.name}[/]: {' -> '.join(stages)}  ({run_dir.root})")
         for i, stage in enumerate(stages, 1):
             console.rule(f"[bold]stage {i}/{len(stages)}: {stage}", align="left")
@@ -133,7 +173,7 @@ def run_pipeline(
             t0 = time.perf_counter()
             record[stage] = {"status": "running"}
             save("running")
-            argv = [sys.executable, "-m", "medcritical.pipeline", stage, str(recipe_path), *overrides]
+            argv = [*child, stage, str(resolved)]
             try:
                 rc, rss = _run_child(argv)
             except KeyboardInterrupt:
@@ -171,16 +211,21 @@ def run_pipeline(
 
 
 def stage_main(argv: Sequence[str]) -> int:
-    """Entry point of a stage's child process."""
+    """Entry point of a stage's child process: ``STAGE RECIPE``, or ``--check-upstream STAGE RECIPE``
+    (refuse unless the stages before STAGE are complete for the recipe)."""
     from .runtime import err_console, offline_quiet, print_error
     from .steps import EVENTS, run_lock
 
     offline_quiet()
-    stage, recipe_path, *overrides = argv
+    check = argv[0] == "--check-upstream"
+    stage, recipe_path = argv[1:] if check else argv
     try:
-        recipe = load_recipe(recipe_path, overrides)
+        recipe = load_recipe(recipe_path)
         run_dir = RunDir.of(recipe)
         with run_lock(run_dir.root, f"medcritical {stage} {recipe_path}"):
+            if check:
+                check_upstream(stage, recipe, run_dir, err_console)
+                return 0
             metrics = stage_function(stage)(recipe, run_dir, err_console)
             atomic_write_json(run_dir.stage_log(stage), {"metrics": metrics, "steps": EVENTS})
         return 0

@@ -22,6 +22,8 @@ import re
 from collections.abc import Iterable
 from typing import Any, Literal
 
+from .artifacts import sha256_json
+
 Lang = Literal["zh", "en"]
 _CJK = re.compile(r"[\u4e00-\u9fff]")
 
@@ -261,6 +263,26 @@ def correction_messages(
             '"### Reasoning" sections, ending with a line "Answer: " and the option letter(s).'
         )
     return msgs + [{"role": "user", "content": ask}]
+
+
+def langs_of(records: Iterable[Any], setting: str) -> list[Lang]:
+    """The languages ``records`` (questions) are asked in under the recipe's ``language`` setting."""
+    return sorted({choose_lang(r.question, setting) for r in records})
+
+
+def prompt_wording(records: Iterable[Any], setting: str) -> dict[str, str]:
+    """Per language ``records`` are asked in, a hash of every prompt the student is given (system prompt,
+    instructions, correction prompt) and of the layout it answers in, for the keys of the steps that use them:
+    a reworded Chinese prompt redoes what Chinese questions made, and nothing in an English-only run."""
+    opts = {"A": "a", "B": "b"}
+    return {
+        lang: sha256_json(
+            [question_messages("Q", opts, multi, lang) for multi in (False, True)]
+            + [correction_messages("Q", opts, False, lang, "W", hint) for hint in ("none", "wrong")]
+            + [render_template("P", "S", "A", lang)]
+        )
+        for lang in langs_of(records, setting)
+    }
 
 
 def render(tokenizer: Any, messages: list[dict[str, str]], generation: bool = True) -> str:

@@ -5,9 +5,13 @@ runs five steps under ``<run>/rounds/round-r/``, each keyed by what it reads
 (:mod:`medcritical.steps`): ``rollouts`` (the policy's adapter hash, the round's
 questions, the sampling settings, the round number in the seed), ``corrections``
 (the rollouts' hash, the corrector's adapter), ``pairs`` (both logs), ``dpo``
-(the pairs' hash, the start adapter, the DPO settings) and ``eval`` (the new
-adapter's hash, the dev questions). A change anywhere redoes exactly the steps
-downstream of it; a round killed anywhere resumes inside the step it was in.
+(the pairs' hash, the start adapter, the DPO settings, the training libraries,
+backend, dtype and world size) and ``eval`` (the new adapter's hash, the dev
+questions); the generating and grading ones also by the engine with its library
+versions, the prompts in each language and the grader's version. A change
+anywhere redoes exactly the steps downstream of it; a round killed anywhere
+resumes inside the step it was in. ``--round r`` reads rounds before r only when
+they are complete for the recipe given (:func:`round_start`).
 
 A round without a preference pair trains nothing: its policy is the previous
 one (said in the table); two such rounds in a row end the rounds. With
@@ -32,7 +36,9 @@ from rich.table import Table
 from .artifacts import JsonlLog, atomic_write_json, atomic_write_text, model_fingerprint, read_json, sha256_tree
 from .data import MCQ, load_recipe_data, records_hash
 from .errors import UserError
+from .grading import GRADER_VERSION
 from .layout import RoundDir, RunDir
+from .prompts import prompt_wording
 from .recipe import Recipe
 from .steps import Step, move_aside
 
@@ -55,22 +61,35 @@ def _engines_used(rows: list[dict]) -> str | None:
     return "+".join(names) or None
 
 
-def round_start(run_dir: RunDir, r: int) -> tuple[Path, str]:
-    """The policy round ``r`` starts from: SFT's adapter for round 1, else round r-1's policy."""
+def round_start(recipe: Recipe, run_dir: RunDir, r: int, console: Console) -> tuple[Path, str]:
+    """The policy round ``r`` starts from: SFT's adapter for round 1, else round r-1's policy.
+
+    What it comes from must be complete for this recipe: the SFT step, and every round before ``r`` up to its
+    policy (its dpo part), so a round never starts from a policy made with other settings.
+    """
     if r < 1:
         raise UserError(f"rounds: --round {r}: rounds count from 1")
-    if r == 1:
-        if not (run_dir.sft_adapter / "adapter_config.json").is_file():
-            raise UserError(f"{run_dir.sft_adapter}: no SFT adapter; run the sft stage first")
-        return run_dir.sft_adapter, sha256_tree(run_dir.sft_adapter)
-    prev = run_dir.round(r - 1).root / "round.json"
-    if not prev.is_file():
-        raise UserError(f"round {r}: round {r - 1} is not done ({prev} is missing); run it first")
-    row = read_json(prev)
-    path = run_dir.root / row["adapter"]
-    if sha256_tree(path) != row["adapter_hash"]:
-        raise UserError(f"round {r}: round {r - 1}'s policy {path} changed since it was made; run round {r - 1} again")
-    return path, row["adapter_hash"]
+    start, start_hash = _sft_start(recipe, run_dir, console)
+    for k in range(1, r):
+        try:
+            row = run_round(recipe, run_dir, k, start, start_hash, console, only="dpo", check=True)
+        except UserError as e:
+            raise UserError(f"round {r} starts from round {k}'s policy: {e}; run round {k} first") from None
+        start, start_hash = run_dir.root / row["adapter"], row["adapter_hash"]
+    if sha256_tree(start) != start_hash:
+        raise UserError(f"round {r}: round {r - 1}'s policy {start} changed since it was made; run round {r - 1} again")
+    return start, start_hash
+
+
+def _sft_start(recipe: Recipe, run_dir: RunDir, console: Console) -> tuple[Path, str]:
+    """The SFT adapter and its hash, refused unless the SFT step is complete for this recipe."""
+    from .sft import check as check_sft
+
+    try:
+        check_sft(recipe, run_dir, console)
+    except UserError as e:
+        raise UserError(f"rounds: {e}; run the sft stage first") from None
+    return run_dir.sft_adapter, sha256_tree(run_dir.sft_adapter)
 
 
 def _step(kind: str, d: Path, material: dict[str, Any], run_dir: RunDir, r: int) -> Step:
@@ -86,17 +105,24 @@ def run_round(
     console: Console,
     only: str | None = None,
     start_eval: dict[str, Any] | None = None,
+    check: bool = False,
 ) -> dict[str, Any]:
     """One round from the policy ``start``; ``only`` runs a single part (the parts before it must be
     complete for these inputs; the parts after it are left alone). ``start_eval``: the start policy's
-    dev evaluation, reused when the round carries the policy over.
+    dev evaluation, reused when the round carries the policy over. ``check``: run and write nothing;
+    every part (up to ``only``) must be complete for these inputs.
 
-    Returns the round's row for the table (also written to ``round-r/round.json``).
+    Returns the round's row for the table (also written to ``round-r/round.json`` once the round's
+    last part is complete).
     """
+    from .models import import_unsloth_first
+
+    import_unsloth_first(recipe.model)  # before anything imports transformers or trl
     from . import selfplay
     from .default_model import resolve_model
-    from .evaluate import eval_policy
-    from .policy import LazyPolicy, engine_settings
+    from .evaluate import engine_material, eval_policy
+    from .policy import LazyPolicy
+    from .training import stack, training_step
 
     rd: RoundDir = run_dir.round(r)
     if only is not None and only not in PARTS:
@@ -107,17 +133,18 @@ def run_round(
             "(docs/multi-gpu.md)"
         )
     questions = round_questions(recipe, r, console)
-    seed_and_lang = {"seed": recipe.seed, "round": r, "language": recipe.language}
+    # what the generating and grading parts share: seeds, the student's prompts, the grader
+    shared = {"seed": recipe.seed, "round": r, "language": recipe.language, "grader": GRADER_VERSION,
+              "prompts": prompt_wording(questions, recipe.language)}  # fmt: skip
     base = model_fingerprint(resolve_model(recipe.model.name_or_path))
-    engine = engine_settings(recipe)
+    engine = engine_material(recipe)
     row: dict[str, Any] = {"round": r, "questions": len(questions), "start_adapter": start_hash}
 
     def need(step: Step, part: str) -> bool:
         """Whether ``part`` must run now; with ``only``, an earlier part must already be complete."""
-        if only is None or part == only:
+        if not check and (only is None or part == only):
             return step.begin(console) != "complete"
-        if not step.complete:
-            raise UserError(f"round {r}: {part} is not done for these inputs; run it first (--only {part})")
+        step.require("" if check else f"run it first (--only {part})")
         return False
 
     def past(part: str) -> bool:
@@ -128,7 +155,7 @@ def run_round(
     ro = _step(
         "rollouts", rd.rollouts,
         {"rollouts": recipe.rounds.rollouts.model_dump(exclude={"questions", "server", "engine"}), "questions": records_hash(questions),
-         "policy": start_hash, "base": base, "engine": engine, "eval_n_ctx": recipe.eval.n_ctx, **seed_and_lang},
+         "policy": start_hash, "base": base, "engine": engine, "eval_n_ctx": recipe.eval.n_ctx, **shared},
         run_dir, r,
     )  # fmt: skip
     policy = LazyPolicy(recipe, start, console, start_hash)
@@ -148,7 +175,7 @@ def run_round(
             "corrections", rd.corrections,
             {"correction": recipe.rounds.correction.model_dump(), "batch_size": recipe.rounds.rollouts.batch_size,
              "rollouts": ro.output_hash("rollouts.jsonl"), "corrector": corrector_hash, "base": base,
-             "engine": engine, "eval_n_ctx": recipe.eval.n_ctx, **seed_and_lang},
+             "engine": engine, "eval_n_ctx": recipe.eval.n_ctx, **shared},
             run_dir, r,
         )  # fmt: skip
         if need(co, "corrections"):
@@ -171,7 +198,7 @@ def run_round(
         "pairs", rd.pairs,
         {"pairs": recipe.rounds.pairs.model_dump(), "rollouts": ro.output_hash("rollouts.jsonl"),
          "corrections": co.output_hash("corrections.jsonl"), "questions": records_hash(questions),
-         "tokenizer": start_hash, **seed_and_lang},
+         "tokenizer": start_hash, **shared},
         run_dir, r,
     )  # fmt: skip
     if need(pa, "pairs"):
@@ -188,16 +215,19 @@ def run_round(
     adapter, adapter_hash = start, start_hash
     if pa.metrics().get("pairs", 0) == 0:
         row |= {"dpo_steps": 0, "note": "no preference pairs: policy carried over"}
-        console.print(f"[yellow]round {r}: no preference pairs; the policy is carried over unchanged[/]")
+        if not check:
+            console.print(f"[yellow]round {r}: no preference pairs; the policy is carried over unchanged[/]")
     else:
-        dp = _step(
+        train = not check and only in (None, "dpo")
+        dp = training_step(
             "dpo", rd.dpo,
             {"dpo": recipe.rounds.dpo.model_dump(), "max_length": recipe.rounds.pairs.max_length,
-             "model": recipe.model.model_dump(), "base": base, "pairs": pa.output_hash("pairs.jsonl"),
+             "model": recipe.model.model_dump(include={"load_in_4bit", "max_seq_length"}),
+             "stack": stack(recipe.model, "trl", "accelerate"), "base": base, "pairs": pa.output_hash("pairs.jsonl"),
              "start": start_hash, "seed": recipe.seed},
-            run_dir, r,
+            train=train, stale_root=run_dir.stale, label=f"round {r} dpo",
         )  # fmt: skip
-        if only in (None, "dpo"):
+        if train:
             from .training import main_process_begin
 
             if main_process_begin(dp, console) != "complete":
@@ -207,22 +237,22 @@ def run_round(
                 if int(os.environ.get("RANK", "0")) == 0:
                     dp.done(dm, outputs=["adapter"])
                 _free_accelerator_memory()  # a served engine starts next, in another process
-        elif not dp.complete:
-            raise UserError(f"round {r}: dpo is not done for these inputs; run it first (--only dpo)")
-        if only == "dpo":
-            return row
+        else:
+            dp.require("" if check else "run it first (--only dpo)")
         row |= {f"dpo_{k}": v for k, v in dp.metrics().items() if k != "resumed_from"}
         adapter, adapter_hash = rd.adapter, dp.output_hash("adapter")
+    row |= {"adapter": str(adapter.relative_to(run_dir.root)), "adapter_hash": adapter_hash}
+    if only == "dpo":
+        return row
 
     # 5. eval on the dev split (a carried-over policy keeps the evaluation it had)
     if adapter_hash == start_hash and start_eval is not None:
         ev = start_eval
     else:
         ev = eval_policy(recipe, adapter, rd.eval, console, adapter_hash=adapter_hash, stale_root=run_dir.stale,
-                         label=f"round {r}")  # fmt: skip
+                         label=f"round {r}", check=check)  # fmt: skip
     row |= {"dev_accuracy": ev["accuracy"], "dev_parse_rate": ev["parse_rate"], "eval_engine": ev["engine"]}
-    row |= {"adapter": str(adapter.relative_to(run_dir.root)), "adapter_hash": adapter_hash}
-    if only is None:
+    if not check:  # every part is complete here, however the round was run (`--only eval` last, or at once)
         atomic_write_json(rd.root / "round.json", row)
     return row
 
@@ -264,8 +294,15 @@ def _correction_stats(corrected: JsonlLog) -> dict[str, Any]:
     }
 
 
-def run(recipe: Recipe, run_dir: RunDir, console: Console) -> dict[str, Any]:
-    """All rounds, with the SFT policy's dev accuracy as round 0; writes rounds.json/.md/.png."""
+def run(recipe: Recipe, run_dir: RunDir, console: Console, check: bool = False) -> dict[str, Any]:
+    """All rounds, with the SFT policy's dev accuracy as round 0; writes rounds.json/.md/.png.
+
+    ``check``: run and write nothing; every round's steps must be complete for this recipe and
+    rounds.json must record the policy they select (UserError otherwise).
+    """
+    from .models import import_unsloth_first
+
+    import_unsloth_first(recipe.model)  # before anything imports transformers or trl
     from .evaluate import eval_policy
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -273,12 +310,9 @@ def run(recipe: Recipe, run_dir: RunDir, console: Console) -> dict[str, Any]:
             "rounds: under a multi-process launcher only `rounds --round N --only dpo` runs; generate with one "
             "process (docs/multi-gpu.md)"
         )
-    sft = run_dir.sft_adapter
-    if not (sft / "adapter_config.json").is_file():
-        raise UserError(f"{sft}: no SFT adapter; run the sft stage first")
-    sft_hash = sha256_tree(sft)
+    sft, sft_hash = _sft_start(recipe, run_dir, console)
     ev = eval_policy(recipe, sft, run_dir.sft_eval, console, adapter_hash=sft_hash, stale_root=run_dir.stale,
-                     label="sft")  # fmt: skip
+                     label="sft", check=check)  # fmt: skip
     table: list[dict[str, Any]] = [
         {"round": 0, "dev_accuracy": ev["accuracy"], "dev_parse_rate": ev["parse_rate"], "eval_engine": ev["engine"],
          "adapter": str(sft.relative_to(run_dir.root)), "adapter_hash": sft_hash}
@@ -287,7 +321,7 @@ def run(recipe: Recipe, run_dir: RunDir, console: Console) -> dict[str, Any]:
     selected, empty_streak, stopped = 0, 0, None
     start, start_hash, start_eval = sft, sft_hash, ev
     for r in range(1, recipe.rounds.num_rounds + 1):
-        row = run_round(recipe, run_dir, r, start, start_hash, console, start_eval=start_eval)
+        row = run_round(recipe, run_dir, r, start, start_hash, console, start_eval=start_eval, check=check)
         table.append(row)
         if row["adapter_hash"] != start_hash:
             chain.append({"round": r, "adapter": row["adapter"], "hash": row["adapter_hash"]})
@@ -307,10 +341,17 @@ def run(recipe: Recipe, run_dir: RunDir, console: Console) -> dict[str, Any]:
             "parse_rate": row["dev_parse_rate"],
             "engine": row["eval_engine"],
         }
-        _prune(run_dir, table, selected)
+        if not check:
+            _prune(run_dir, table, selected)
         if empty_streak >= 2:
             stopped = f"rounds {r - 1} and {r} made no preference pair; stopping"
             break
+    chain = [c for c in chain if c["round"] <= selected]
+    if check:
+        recorded = read_json(run_dir.rounds_json) if run_dir.rounds_json.is_file() else {}
+        if (recorded.get("selected"), recorded.get("chain")) != (selected, chain):
+            raise UserError(f"{run_dir.rounds_json}: does not record the policy these rounds select")
+        return {"rounds": table, "selected": selected, "stopped": stopped}
     _prune(run_dir, table, selected)
     if stopped:
         console.print(f"[yellow]{stopped}[/]")
@@ -319,10 +360,14 @@ def run(recipe: Recipe, run_dir: RunDir, console: Console) -> dict[str, Any]:
         if rd.number > last:
             dest = move_aside(rd.root, run_dir.stale, f"This run's rounds ended at round {last}.")
             console.print(f"[dim]round {rd.number}: left from an earlier run; moved to {dest}[/]")
-    chain = [c for c in chain if c["round"] <= selected]
     result = {"rounds": table, "selected": selected, "chain": chain, "stopped": stopped}
     write_round_report(result, run_dir, console)
     return {"rounds": table, "selected": selected, "stopped": stopped}
+
+
+def check(recipe: Recipe, run_dir: RunDir, console: Console) -> None:
+    """Refuse unless every round is complete for this recipe (see :func:`run`)."""
+    run(recipe, run_dir, console, check=True)
 
 
 COLUMNS = (

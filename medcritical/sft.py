@@ -8,8 +8,9 @@ is loaded in 4-bit NF4 (bitsandbytes) and LoRA comes from peft, or unsloth's
 
 Reads ``<run>/teach/templates.jsonl``; writes ``<run>/sft/`` (one step: ``adapter/``
 (safetensors LoRA + tokenizer), ``checkpoints/``, ``metrics.jsonl``, ``manifest.json``).
-The step's key covers the model, the ``sft`` section, the seed and the examples
-themselves, so a changed knob retrains from scratch (the old directory moves to
+The step's key covers the base model's files, the ``sft`` section, the seed, the examples
+themselves, the resolved backend and dtype, the training libraries' versions and the
+world size, so a changed knob retrains from scratch (the old directory moves to
 ``.stale``) and only a run killed with the same key resumes from its checkpoints.
 
 An example whose prompt and template together exceed ``sft.max_length`` tokens
@@ -48,17 +49,26 @@ def sft_examples(rows: list[dict]) -> list[dict]:
     ]
 
 
-def step(recipe: Recipe, run_dir: RunDir, examples: list[dict]) -> Step:
+def step(recipe: Recipe, run_dir: RunDir, examples: list[dict], train: bool = False) -> Step:
+    """The SFT step (``train``: this process trains it, see :func:`medcritical.training.training_step`)."""
     from .default_model import resolve_model
+    from .training import stack, training_step
 
     material = {
-        "model": recipe.model.model_dump(),
+        "model": recipe.model.model_dump(include={"load_in_4bit", "max_seq_length"}),
         "base": model_fingerprint(resolve_model(recipe.model.name_or_path)),
+        "stack": stack(recipe.model, "trl", "accelerate"),
         "sft": recipe.sft.model_dump(),
         "seed": recipe.seed,
         "examples": sha256_json(examples),
     }
-    return Step("sft", run_dir.sft, material, stale_root=run_dir.stale, label="sft")
+    return training_step("sft", run_dir.sft, material, train=train, stale_root=run_dir.stale, label="sft")
+
+
+def check(recipe: Recipe, run_dir: RunDir, console: Console) -> None:
+    """Refuse unless the SFT adapter is complete for this recipe and the templates there."""
+    rows = read_jsonl(run_dir.templates) if run_dir.templates.is_file() else []
+    step(recipe, run_dir, sft_examples(rows)).require()
 
 
 def fits(tokenizer: Any, examples: list[dict], max_length: int) -> tuple[list[dict], int]:
@@ -77,13 +87,16 @@ def run(recipe: Recipe, run_dir: RunDir, console: Console, callbacks: list | Non
 
     ``callbacks``: extra ``TrainerCallback``s (the bench times steps with one).
     """
+    from .models import import_unsloth_first
+
+    import_unsloth_first(recipe.model)  # before anything imports transformers or trl
     if not run_dir.templates.exists():
         raise UserError(f"{run_dir.templates}: no templates; run `medcritical teach` first")
     rows = read_jsonl(run_dir.templates)
     if not rows:
         raise UserError(f"{run_dir.templates}: no templates were kept; nothing to train on")
     examples = sft_examples(rows)
-    st = step(recipe, run_dir, examples)
+    st = step(recipe, run_dir, examples, train=True)
 
     from .training import main_process_begin
 

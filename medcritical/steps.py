@@ -52,20 +52,34 @@ from .errors import UserError
 # Version tags of the code that writes each kind of step: bump one when its output would change for the
 # same inputs, so directories written by the old code stop matching.
 CODE = {
-    "teach": 3,
-    "sft": 3,
-    "rollouts": 3,
-    "corrections": 3,
-    "pairs": 3,
-    "dpo": 3,
-    "eval": 3,
-    "gguf": 3,
-    "export": 4,
-    "bundle": 2,
+    "teach": 4,
+    "sft": 4,
+    "rollouts": 4,
+    "corrections": 4,
+    "pairs": 4,
+    "dpo": 4,
+    "eval": 4,
+    "gguf": 4,
+    "export": 5,
+    "bundle": 3,
     "merge": 3,
 }
 
 EVENTS: list[dict[str, Any]] = []
+
+
+def library_versions(*names: str) -> dict[str, str | None]:
+    """Installed versions of the distributions ``names`` (None: not installed), for the keys of the steps
+    whose content they decide: an upgraded trainer or engine redoes what it made."""
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def derive_seed(seed: int, *parts: Any) -> int:
@@ -85,6 +99,10 @@ def _changed(old: Any, new: Any, prefix: str = "") -> list[str]:
             out += _changed(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))
         return out
     return [] if old == new else [prefix or "<all>"]
+
+
+def _listing(changed: list[str]) -> str:
+    return ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "") or "unknown"
 
 
 def _plain(value: Any) -> Any:
@@ -148,6 +166,25 @@ class Step:
     def metrics(self) -> dict[str, Any]:
         return (self.manifest() or {}).get("metrics", {})
 
+    def changes(self) -> list[str]:
+        """What differs between the inputs the directory was made for and this key's (dotted paths)."""
+        old = self.manifest() or {}
+        changed = _changed(old.get("material"), self.material) if old.get("material") is not None else []
+        if old and old.get("code") != CODE[self.kind]:
+            changed.append(f"code version {old.get('code')} -> {CODE[self.kind]}")
+        return changed
+
+    def require(self, fix: str = "") -> None:
+        """Refuse, in one line, to read this step unless it is complete for its key; ``fix`` says what to run."""
+        state = self.state()
+        if state == "complete":
+            return
+        if state == "other":
+            why = f"made for other inputs ({_listing(self.changes())} changed)"
+        else:
+            why = "not finished" if state == "partial" else "not done"
+        raise UserError(f"{self.label}: {why}" + (f"; {fix}" if fix else ""))
+
     # ---- transitions -------------------------------------------------------------------------
 
     def begin(self, console: Console | None = None, quiet: bool = False) -> str:
@@ -161,9 +198,8 @@ class Step:
             moved, changed = self.move_aside()
             event |= {"outcome": "replaced", "moved_to": str(moved), "changed": changed}
             if console is not None:
-                what = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
                 console.print(
-                    f"[yellow]{self.label}: made for other inputs ({what or 'unknown'} changed); "
+                    f"[yellow]{self.label}: made for other inputs ({_listing(changed)} changed); "
                     f"moved it to {moved}[/]",
                     soft_wrap=True,
                 )
@@ -222,9 +258,7 @@ class Step:
     def move_aside(self) -> tuple[Path, list[str]]:
         """Move the directory under ``stale_root`` with a note; returns (new place, changed inputs)."""
         old = self.manifest() or {}
-        changed = _changed(old.get("material"), self.material) if old.get("material") is not None else []
-        if old and old.get("code") != CODE[self.kind]:
-            changed.append(f"code version {old.get('code')} -> {CODE[self.kind]}")
+        changed = self.changes()
         why = (
             f"It was made for other inputs.\nold key: {old.get('key')}\nnew key: {self.key}\n"
             f"changed: {', '.join(changed) or 'unknown (no manifest or no recorded inputs)'}"

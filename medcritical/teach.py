@@ -30,11 +30,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .artifacts import JsonlLog, sha256_json
-from .grading import extract_answer, grade
+from .grading import GRADER_VERSION, extract_answer, grade
 from .layout import RunDir
 from .prompts import (
     Lang,
     choose_lang,
+    langs_of,
     render_template,
     split_reasoning,
     split_template,
@@ -118,8 +119,26 @@ def teacher_request(mcq: MCQ, lang: Lang, cfg: TeachCfg, seed: int, attempt: int
     )
 
 
+def teacher_identity(cfg: TeachCfg) -> dict[str, Any]:
+    """What answers: an API's model name and address, or a local teacher by its files' content (not their path)
+    with the resolved settings and library versions that run it."""
+    from .artifacts import model_fingerprint
+    from .steps import library_versions
+
+    if cfg.backend == "openai":
+        return {"model": cfg.model, "base_url": cfg.base_url}
+    if cfg.backend == "gguf":
+        return {"model": model_fingerprint(str(cfg.model)), "libraries": library_versions("llama_cpp_python")}
+    from .default_model import resolve_model
+    from .recipe import ModelCfg
+    from .training import stack
+
+    # as engines.open_engine loads it: the default model section, not in 4-bit
+    return {"model": model_fingerprint(resolve_model(str(cfg.model))), **stack(ModelCfg(load_in_4bit=False))}
+
+
 def step_material(recipe: Recipe, records: list[MCQ]) -> dict[str, Any]:
-    """What decides the templates: the questions and every setting that can change a verdict.
+    """What decides the templates: the questions, the template layout, and every setting that can change a verdict.
 
     Concurrency, timeouts, retries and the cache location cannot, so changing
     them keeps the step complete.
@@ -127,19 +146,35 @@ def step_material(recipe: Recipe, records: list[MCQ]) -> dict[str, Any]:
     from .data import records_hash
 
     c = recipe.teach
-    keep = ["backend", "reasoning"]
-    if c.backend != "dataset":
-        keep += ["model", "base_url", "hinted", "temperature", "top_p", "max_tokens", "samples"]
-    prompts = None
-    if c.backend != "dataset" and records:  # the prompt wording is part of what the teacher answers
-        prompts = sha256_json(teacher_request(records[0], "en", c, 0, 0).messages)
-    return {
-        "teach": {k: getattr(c, k) for k in keep},
+    langs = langs_of(records, recipe.language)
+    material: dict[str, Any] = {
+        "teach": {"backend": c.backend, "reasoning": c.reasoning},
         "questions": records_hash(records),
         "seed": recipe.seed,
         "language": recipe.language,
-        "prompt": prompts,
+        # the layout the templates are rendered in, per language they are written in
+        "layout": {lang: sha256_json(render_template("P", "S", "A", lang)) for lang in langs},
     }
+    if c.backend != "dataset":
+        material["teach"] |= {k: getattr(c, k) for k in ("hinted", "temperature", "top_p", "max_tokens", "samples")}
+        material["teacher"] = teacher_identity(c)
+        material["grader"] = GRADER_VERSION
+        # the wording of the teacher's prompt in each language the questions are asked in
+        material["teacher_prompt"] = {
+            lang: sha256_json(teacher_request(records[0], lang, c, 0, 0).messages) for lang in langs
+        }
+    return material
+
+
+def step(recipe: Recipe, run_dir: RunDir, records: list[MCQ]) -> Step:
+    return Step("teach", run_dir.teach, step_material(recipe, records), stale_root=run_dir.stale, label="teach")
+
+
+def check(recipe: Recipe, run_dir: RunDir, console: Console) -> None:
+    """Refuse unless the templates are complete for this recipe."""
+    from .data import load_recipe_data
+
+    step(recipe, run_dir, load_recipe_data(recipe.data, split="train")[: recipe.teach.limit]).require()
 
 
 def _template_row(mcq: MCQ, lang: Lang, v: Verdict, keep_reasoning: bool, teacher: dict[str, Any]) -> dict[str, Any]:
@@ -338,10 +373,10 @@ def run(recipe: Recipe, run_dir: RunDir, console: Console) -> dict[str, Any]:
 
     cfg = recipe.teach
     records = load_recipe_data(recipe.data, split="train", console=console)[: cfg.limit]
-    step = Step("teach", run_dir.teach, step_material(recipe, records), stale_root=run_dir.stale, label="teach")
-    if step.begin(console) == "complete":
+    st = step(recipe, run_dir, records)
+    if st.begin(console) == "complete":
         console.print(f"teach: up to date ({run_dir.templates})", highlight=False)
-        return step.metrics()
+        return st.metrics()
 
     start = time.monotonic()
     langs = {m.id: choose_lang(m.question, recipe.language) for m in records}
@@ -395,7 +430,7 @@ def run(recipe: Recipe, run_dir: RunDir, console: Console) -> dict[str, Any]:
         console.print("[yellow]teach.reasoning is keep, but no kept reply had a chain of thought to keep[/]")
     if errors:
         metrics["error_examples"] = errors[:3]
-        step.progress(metrics, {})
+        st.progress(metrics, {})
         raise UserError(f"teach: {len(errors)} teacher calls failed ({escape(errors[0])}); run again to retry them")
-    step.done(metrics, outputs=["templates.jsonl", "rejected.jsonl"])
+    st.done(metrics, outputs=["templates.jsonl", "rejected.jsonl"])
     return metrics

@@ -14,6 +14,7 @@ reproducible per epoch.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -24,8 +25,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .artifacts import atomic_dir, atomic_write_text
-from .recipe import TrainCfg
+from .recipe import ModelCfg, TrainCfg
 from .runtime import Ticker
+from .steps import Step
 
 
 def main_process_begin(step: Any, console: Console) -> str:
@@ -35,8 +37,6 @@ def main_process_begin(step: Any, console: Console) -> str:
     stale directory aside and writes the manifest, then all of them look for a
     checkpoint to resume from. Returns the step's state (``complete``, ``resume``, ``new``).
     """
-    import os
-
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return step.begin(console)
     import torch
@@ -48,6 +48,41 @@ def main_process_begin(step: Any, console: Console) -> str:
     outcome = step.begin(console) if state.is_main_process else None
     state.wait_for_everyone()
     return outcome or ("complete" if step.complete else "resume")
+
+
+def stack(cfg: ModelCfg, *extra: str) -> dict[str, Any]:
+    """The student's backend and dtype as resolved on this machine (never ``auto``) and the versions of the
+    libraries that run it (``extra``: more, e.g. trl), for the keys of the steps they decide."""
+    from .models import dtype_name, pick_backend
+    from .steps import library_versions
+
+    backend = pick_backend(cfg)
+    names = ["torch", "transformers", "peft", *extra]
+    if cfg.load_in_4bit:
+        names.append("bitsandbytes")
+    if backend == "unsloth":
+        names.append("unsloth")
+    return {"backend": backend, "dtype": dtype_name(cfg.dtype), "libraries": library_versions(*names)}
+
+
+def training_step(kind: str, d: Path, material: dict[str, Any], *, train: bool, **kw: Any) -> Step:
+    """The step of a training run (sft, dpo), keyed also by its world size (processes under ``accelerate launch``).
+
+    ``train``: this process is about to train it. Under a launcher that process keys it by ``WORLD_SIZE``.
+    Anyone else (a single-process command, or a launched one that only reads it) takes a complete step made for
+    the same other inputs with whatever world size trained it: the commands of docs/multi-gpu.md read and skip
+    launched work instead of training it again on one process.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    step = Step(kind, d, material | {"world_size": launched if train else 1}, **kw)
+    if train and launched > 1:
+        return step
+    made = ((step.manifest() or {}).get("material") or {}).get("world_size")
+    if isinstance(made, int) and made != step.material["world_size"]:
+        adopted = Step(kind, d, material | {"world_size": made}, **kw)
+        if adopted.complete:
+            return adopted
+    return step
 
 
 def trainer_args(train: TrainCfg, out_dir: Path, seed: int, dtype: Any) -> dict[str, Any]:

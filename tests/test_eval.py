@@ -188,3 +188,21 @@ def test_gguf_decodes_many_sequences_together_as_one_at_a_time():
     tokens = sum(len(eng.tokenize(eng.render(m))) for m in prompts[:2])
     assert tokens <= decoded() - before <= tokens + 3 * 6
     eng.close()
+
+
+def test_gguf_layers_go_to_the_gpu_as_far_as_they_fit(monkeypatch) -> None:
+    """A GPU build offloads every layer when the file fits the free memory, else the share that fits; a CPU
+    build (this machine's) none. The free memory is what nvidia-smi would report."""
+    import llama_cpp
+
+    from medcritical import gguf_file
+    from medcritical.default_model import default_gguf
+
+    facts = gguf_file.check_gguf(default_gguf())
+    layers = int(facts["metadata"]["llama.block_count"])
+    assert gguf_file.gpu_layers(facts) == 0 and not llama_cpp.llama_supports_gpu_offload()
+    monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: True)
+    need, reserve = facts["data_bytes"], gguf_file.GPU_RESERVE
+    for free, expected in [(need + reserve, -1), (None, -1), (reserve + need // 2, layers // 2), (reserve // 2, 0)]:
+        monkeypatch.setattr(gguf_file, "_free_gpu_bytes", lambda f=free: f)
+        assert gguf_file.gpu_layers(facts) == expected, free

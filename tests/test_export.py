@@ -433,3 +433,37 @@ def test_default_model_export(tmp_path: Path) -> None:
     report = read_json(out / "export" / "report.json")
     print(json.dumps({k: v for k, v in report.items() if k not in ("rows", "reference")}, indent=1))
     assert report["gate"]["passed"]
+
+
+def test_a_16bit_base_is_merged_in_its_own_dtype(tiny_llama: Path, tmp_path: Path) -> None:
+    """A bfloat16 base (every released 7B) merges in bfloat16, half the RAM of float32, and each merged
+    weight is the float32 merge's (of the same values stored as float32), rounded once to bfloat16."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from export.merge import merge_adapters
+
+    bf16, f32 = tmp_path / "bf16", tmp_path / "f32"
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16)
+    model.save_pretrained(bf16)
+    model.to(torch.float32).save_pretrained(f32)  # the same values, stored in float32
+    for d in (bf16, f32):
+        AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(d)
+    assert json.loads((bf16 / "config.json").read_text())["dtype"] == "bfloat16"
+    adapter = make_lora(bf16, tmp_path / "adapter")
+    half = merge_adapters(bf16, [adapter], tmp_path / "m16", dtype="bfloat16")
+    full = merge_adapters(f32, [adapter], tmp_path / "m32", dtype="float32")
+    computed = {
+        m.path.name: json.loads((m.path / "merge.json").read_text())["metrics"]["compute_dtype"] for m in (half, full)
+    }
+    assert computed == {"m16": "bfloat16", "m32": "float32"}
+    assert full.rel_error < 1e-4 and half.rel_error < 5e-2  # the bfloat16 check rounds on both sides
+    name = "model.layers.0.mlp.up_proj.weight"
+    with safe_open(half.path / "model.safetensors", "pt") as a, safe_open(full.path / "model.safetensors", "pt") as b:
+        w16, w32 = a.get_tensor(name), b.get_tensor(name)
+    with safe_open(f32 / "model.safetensors", "pt") as c:
+        delta = w32 - c.get_tensor(name)
+    assert w16.dtype == torch.bfloat16 and float(delta.abs().max()) > 1e-3  # the adapter is in it
+    # Two bfloat16 roundings (the delta, then the sum), each at most half a step (2**-8 relative): no more.
+    assert bool(((w16.float() - w32).abs() <= (w32.abs() + delta.abs()) * 2**-8).all())

@@ -32,11 +32,11 @@ TINY_DIMS = dict(
 )
 
 
-def build_tiny_llama(path: Path, seed: int = 0) -> Path:
-    """A 2-layer llama with SmolLM2's real tokenizer and chat template."""
+def build_tiny_llama(path: Path, seed: int = 0, **dims: int) -> Path:
+    """A 2-layer llama with SmolLM2's real tokenizer and chat template (``dims``: other sizes than TINY_DIMS)."""
     tok = default_tokenizer()
     cfg = LlamaConfig(
-        **TINY_DIMS,
+        **(TINY_DIMS | dims),
         vocab_size=len(tok),
         max_position_embeddings=2048,
         bos_token_id=tok.bos_token_id,
