@@ -409,11 +409,17 @@ def gpu_layers(facts: dict[str, Any]) -> int:
 
 
 def _free_gpu_bytes() -> int | None:
-    """Free memory of the first visible NVIDIA GPU, from nvidia-smi (the inference install has no torch)."""
+    mib = nvidia_smi_mib("memory.free")
+    return None if mib is None else int(mib * 2**20)
+
+
+def nvidia_smi_mib(field: str) -> float | None:
+    """``field`` (``memory.free``, ``memory.total``) of the first visible NVIDIA GPU in MiB, from nvidia-smi: no
+    CUDA context is made (the inference install has no torch). None without a driver or a GPU."""
     first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip() or "0"
-    query = ["nvidia-smi", "-i", first, "--query-gpu=memory.free", "--format=csv,noheader,nounits"]
+    query = ["nvidia-smi", "-i", first, f"--query-gpu={field}", "--format=csv,noheader,nounits"]
     try:
-        out = subprocess.run(query, capture_output=True, text=True, timeout=30, check=True).stdout
-        return int(float(out.split()[0]) * 2**20)
+        out = subprocess.run(query, capture_output=True, text=True, timeout=60, check=True).stdout
+        return float(out.split()[0])
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
         return None

@@ -16,13 +16,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .gguf_file import GPU_RESERVE
+from .gguf_file import GPU_RESERVE, nvidia_smi_mib
 from .recipe import Recipe
 
 GIB = 2**30
@@ -483,13 +482,8 @@ def detect_gpu() -> float | None:
         return None
     if not torch.cuda.is_available():
         return None
-    first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip()
-    query = ["nvidia-smi", "-i", first, "--query-gpu=memory.total", "--format=csv,noheader,nounits"]
-    try:
-        mib = subprocess.run(query, capture_output=True, text=True, timeout=60, check=True).stdout.split()[0]
-        return float(mib) * 2**20
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
-        return float(torch.cuda.get_device_properties(0).total_memory)
+    mib = nvidia_smi_mib("memory.total")
+    return mib * 2**20 if mib is not None else float(torch.cuda.get_device_properties(0).total_memory)
 
 
 @dataclass
