@@ -468,8 +468,14 @@ def load_recipe_data(cfg: Any, split: str = "all", console: Any = None) -> list[
     seen: set[str] = set()
     for src in cfg.sources:
         src = src if isinstance(src, dict) else src.model_dump()
-        path = demo_path() if src["path"] == "demo" else Path(src["path"])
-        res = load_questions(path, fmt=src.get("format", "auto"), strict=cfg.strict)
+        if src["path"] == "skills":  # generated, not read: medcritical.skills
+            from .skills import questions
+
+            path = Path("skills")
+            res = LoadResult(questions(src.get("limit") or 1200), [])
+        else:
+            path = demo_path() if src["path"] == "demo" else Path(src["path"])
+            res = load_questions(path, fmt=src.get("format", "auto"), strict=cfg.strict)
         note = describe_skips(res, path)
         if note and console is not None:
             console.print(f"[yellow]{note}", highlight=False)

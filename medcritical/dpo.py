@@ -64,6 +64,8 @@ def run_dpo(
     metrics = train_and_save(trainer, out_dir, out_dir / "adapter", loaded.tokenizer)
     logs = [h for h in trainer.state.log_history if "rewards/margins" in h]
     if logs:
+        metrics["loss_first"] = logs[0].get("loss")
+        metrics["loss_last"] = logs[-1].get("loss")
         metrics["reward_margin_first"] = logs[0]["rewards/margins"]
         metrics["reward_margin_last"] = logs[-1]["rewards/margins"]
         metrics["reward_accuracy_last"] = logs[-1].get("rewards/accuracies")

@@ -15,6 +15,7 @@ import hashlib
 import math
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,6 +29,11 @@ Progress = Callable[[int], None]
 THREADS_ENV = "MEDCRITICAL_LLAMA_THREADS"
 
 
+def per_prompt(prefix: str | Sequence[str], n: int) -> list[str]:
+    """A generation prefix for each of ``n`` prompts (one string: the same for all)."""
+    return [prefix] * n if isinstance(prefix, str) else list(prefix)
+
+
 def llama_threads() -> int:
     """``$MEDCRITICAL_LLAMA_THREADS``, else the number of cores."""
     env = os.environ.get(THREADS_ENV, "").strip()
@@ -36,6 +42,20 @@ def llama_threads() -> int:
     if not env.isdigit() or int(env) < 1:
         raise UserError(f"{THREADS_ENV}={env!r}: expected a positive number of threads")
     return int(env)
+
+
+@dataclass
+class Reply:
+    """One sampled reply, with what forcing an answer needs (:func:`sample_replies`).
+
+    ``text``: the reply, the generation prefix included. ``cut``: it ended at the token cap (None: the engine
+    cannot tell). ``scores``: log-probabilities of the question's option letters right after ``text`` and the
+    answer cue, from the same model (None: not asked for, or the engine cannot score).
+    """
+
+    text: str
+    cut: bool | None = None
+    scores: dict[str, float] | None = None
 
 
 class Engine(Protocol):
@@ -53,8 +73,10 @@ class Engine(Protocol):
         n: int = 1,
         seed: int = 0,
         on_done: Progress | None = None,
+        prefix: str | Sequence[str] = "",
     ) -> list[list[str]]:
-        """``n`` completions for each prompt; ``on_done(k)`` after k more prompts finish."""
+        """``n`` completions for each prompt; ``on_done(k)`` after k more prompts finish. ``prefix``: the
+        assistant's reply starts with it (each returned text includes it)."""
         ...
 
     def letter_logprobs(
@@ -115,11 +137,13 @@ class HFEngine:
         return {k: v.to(self.model.device) for k, v in enc.items()}
 
     def generate(
-        self, prompts, *, max_new_tokens, temperature=0.0, top_p=1.0, n=1, seed=0, on_done=None, batch_size: int = 8
-    ):
+        self, prompts, *, max_new_tokens, temperature=0.0, top_p=1.0, n=1, seed=0, on_done=None, batch_size: int = 8,
+        prefix: str | Sequence[str] = "",
+    ):  # fmt: skip
         import torch
 
-        texts = [self.render(m) for m in prompts]
+        starts = per_prompt(prefix, len(prompts))
+        texts = [self.render(m) + pf for m, pf in zip(prompts, starts)]
         # Longest first: similar lengths share a batch, so less padding is computed.
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         out: list[list[str]] = [[] for _ in texts]
@@ -145,7 +169,7 @@ class HFEngine:
             new = gen[:, enc["input_ids"].shape[1] :]
             decoded = self.tok.batch_decode(new, skip_special_tokens=True)
             for j, i in enumerate(idx):
-                out[i] = [s.strip() for s in decoded[j * n : (j + 1) * n]] * copies
+                out[i] = [(starts[i] + s).strip() for s in decoded[j * n : (j + 1) * n]] * copies
             if on_done:
                 on_done(len(idx))
         return out
@@ -248,21 +272,50 @@ class LlamaCppEngine:
         return texts if len(texts) == n else texts * n
 
     def generate(
-        self, prompts, *, max_new_tokens, temperature=0.0, top_p=1.0, n=1, seed=0, on_done=None, batch_size: int = 1
-    ):
-        tokens = [self.tokenize(self.render(m)) for m in prompts]
+        self, prompts, *, max_new_tokens, temperature=0.0, top_p=1.0, n=1, seed=0, on_done=None, batch_size: int = 1,
+        prefix: str | Sequence[str] = "",
+    ):  # fmt: skip
+        replies = self.replies(
+            prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, n=n, seed=seed,
+            on_done=on_done, batch_size=batch_size, prefix=prefix,
+        )  # fmt: skip
+        return [[r.text for r in row] for row in replies]
+
+    def replies(
+        self, prompts, *, max_new_tokens, temperature=0.0, top_p=1.0, n=1, seed=0, on_done=None, batch_size: int = 1,
+        prefix: str | Sequence[str] = "", letters: Sequence[Sequence[str]] | None = None,
+        cue: Sequence[str] | None = None,
+    ) -> list[list[Reply]]:  # fmt: skip
+        """As :meth:`generate`, as :class:`Reply` records. With ``letters`` and ``cue`` (per prompt), each
+        sequence, where it ends, is fed its cue ("Answer: ") and the letters are scored there: one more decode
+        step for the whole batch, not a second pass over each reply."""
+        starts = per_prompt(prefix, len(prompts))
+        tokens = [self.tokenize(self.render(m) + pf) for m, pf in zip(prompts, starts)]
         seeds = [sample_seed(seed, i, 0) for i in range(len(prompts))]
         streams = 1 if temperature <= 0 else n  # greedy: one sequence per prompt, its answer repeated
         per = max(1, batch_size // streams)
-        out: list[list[str]] = []
+        scoring = None
+        if letters is not None and cue is not None:
+            scoring = [self._cue_tokens(c, lets) for c, lets in zip(cue, letters)]
+        out: list[list[Reply]] = []
         for start in range(0, len(prompts), per):
             group = range(start, min(start + per, len(prompts)))
             done = self._decode_together(
                 [tokens[i] for i in group], [seeds[i] for i in group], streams, max_new_tokens, temperature, top_p,
-                on_done,
+                on_done, [scoring[i] for i in group] if scoring else None,
             )  # fmt: skip
-            out += [texts if len(texts) == n else texts * n for texts in done]
+            for i, row in zip(group, done):
+                row = [Reply((starts[i] + r.text).strip(), r.cut, r.scores) for r in row]
+                out.append(row if len(row) == n else [Reply(r.text, r.cut, r.scores) for r in row * n])
         return out
+
+    def _cue_tokens(self, cue: str, letters: Sequence[str]) -> tuple[list[int], dict[str, int]]:
+        """The cue's tokens and each letter's single token after it (:func:`_letter_token`)."""
+        pairs = {x: _letter_token(self.tokenize, cue, x) for x in letters}
+        contexts = {c for c, _ in pairs.values()}
+        if len(contexts) != 1:
+            raise UserError(f"{self.gguf}: the option letters tokenize differently after {cue!r}")
+        return self.tokenize(contexts.pop()), {x: t for x, (_, t) in pairs.items()}
 
     def _stream_context(self, sequences: int, per_seq: int) -> Any:
         """A context with ``sequences`` KV streams of at least ``per_seq`` tokens each, kept for later calls."""
@@ -293,16 +346,20 @@ class LlamaCppEngine:
     def _decode_together(
         self, prompts: list[list[int]], seeds: list[int], streams: int, max_new_tokens: int,
         temperature: float, top_p: float, on_done: Progress | None = None,
-    ) -> list[list[str]]:  # fmt: skip
-        """``streams`` completions of each tokenized prompt, every sequence decoded in one batch."""
+        scoring: list[tuple[list[int], dict[str, int]]] | None = None,
+    ) -> list[list[Reply]]:  # fmt: skip
+        """``streams`` completions of each tokenized prompt, every sequence decoded in one batch; with
+        ``scoring`` (per prompt: cue tokens, letter tokens), the letters' log-probabilities after each
+        sequence's end and its cue."""
         import llama_cpp
         from llama_cpp import _internals
 
+        cue_room = max((len(c) + 1 for c, _ in scoring), default=0) if scoring else 0
         for p in prompts:
-            if len(p) >= self.n_ctx:
+            if len(p) + cue_room >= self.n_ctx:
                 raise UserError(f"{self.gguf}: a prompt of {len(p)} tokens does not fit n_ctx {self.n_ctx}")
         seqs = [(i, j) for i in range(len(prompts)) for j in range(streams)]
-        per_seq = min(self.n_ctx, max(len(p) for p in prompts) + max_new_tokens)
+        per_seq = min(self.n_ctx, max(len(p) for p in prompts) + max_new_tokens + cue_room)
         ctx = self._stream_context(len(seqs), per_seq)
         room = min(self.n_ctx, self._streams[1])
         mem = llama_cpp.llama_get_memory(ctx.ctx)
@@ -318,8 +375,9 @@ class LlamaCppEngine:
                 smp.add_temp(temperature)
                 smp.add_dist(sample_seed(seeds[i], 0, j))
             samplers.append(smp)
-        limit = [max(1, min(max_new_tokens, room - len(prompts[i]))) for i, _ in seqs]
+        limit = [max(1, min(max_new_tokens, room - cue_room - len(prompts[i]))) for i, _ in seqs]
         made: list[list[int]] = [[] for _ in seqs]
+        cut = [False] * len(seqs)
         live: list[int] = []  # sequence numbers still generating
         left = [streams] * len(prompts)  # unfinished samples per prompt
         batch = llama_cpp.llama_batch_init(max(512, len(seqs)), 0, 1)
@@ -332,7 +390,9 @@ class LlamaCppEngine:
                 if len(made[s]) < limit[s]:
                     live.append(s)
                     return
-            llama_cpp.llama_memory_seq_rm(mem, s, -1, -1)
+                cut[s] = True  # its last token is sampled but not yet in the KV
+            if scoring is None:  # else its KV stays for the cue
+                llama_cpp.llama_memory_seq_rm(mem, s, -1, -1)
             i = seqs[s][0]
             left[i] -= 1
             if left[i] == 0 and on_done:
@@ -372,15 +432,54 @@ class LlamaCppEngine:
                 decode([(made[s][-1], len(prompts[seqs[s][0]]) + len(made[s]) - 1, s, True) for s in now])
                 for r, s in enumerate(now):
                     take(s, r)
+            scores = self._score_cues(decode, ctx, prompts, seqs, made, cut, scoring) if scoring else None
         finally:
             llama_cpp.llama_batch_free(batch)
             for smp in samplers:
                 smp.close()
-        texts = [
-            self.llm.detokenize(made[s], prev_tokens=prompts[i]).decode("utf-8", errors="ignore").strip()
+        replies = [
+            Reply(
+                self.llm.detokenize(made[s], prev_tokens=prompts[i]).decode("utf-8", errors="ignore").strip(),
+                cut[s],
+                scores[s] if scores else None,
+            )  # fmt: skip
             for s, (i, _) in enumerate(seqs)
         ]
-        return [texts[i * streams : (i + 1) * streams] for i in range(len(prompts))]
+        return [replies[i * streams : (i + 1) * streams] for i in range(len(prompts))]
+
+    def _score_cues(self, decode, ctx, prompts, seqs, made, cut, scoring) -> list[dict[str, float]]:  # noqa: ANN001
+        """Feed every finished sequence its cue (after its last sampled token, when the cap cut it) and read the
+        letters' log-probabilities at the cue's last token, in batches of up to 512 rows."""
+        import llama_cpp
+        import numpy as np
+
+        rows: list[tuple[int, int, int, bool]] = []
+        ends: list[tuple[int, int]] = []  # (sequence, batch row of its cue's last token)
+        scores: list[dict[str, float]] = [{} for _ in seqs]
+
+        def flush() -> None:
+            decode(rows)
+            for s, idx in ends:
+                ptr = llama_cpp.llama_get_logits_ith(ctx.ctx, idx)
+                logits = np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),)).astype(np.float64)
+                lse = float(logits.max() + np.log(np.exp(logits - logits.max()).sum()))
+                scores[s] = {x: float(logits[t]) - lse for x, t in scoring[seqs[s][0]][1].items()}
+            rows.clear()
+            ends.clear()
+
+        for s, (i, _) in enumerate(seqs):
+            feed = ([made[s][-1]] if cut[s] else []) + scoring[i][0]
+            pos = len(prompts[i]) + len(made[s]) - len(feed) + len(scoring[i][0])
+            if len(rows) + len(feed) > 512:
+                flush()
+            for k, tok in enumerate(feed):
+                last = k == len(feed) - 1
+                if last:
+                    ends.append((s, len(rows)))
+                rows.append((tok, pos + k, s, last))
+        if rows:
+            flush()
+        return scores
 
     def close(self) -> None:
         """Free the model and its contexts now (not whenever the engine is collected)."""
@@ -415,6 +514,37 @@ class LlamaCppEngine:
                         scores[x] = float(logits[t]) - lse
             results.append(scores)
         return results
+
+
+def sample_replies(
+    engine: Any,
+    prompts: Sequence[Messages],
+    *,
+    letters: Sequence[Sequence[str]] | None = None,
+    cue: Sequence[str] | None = None,
+    needs_score: Callable[[str], bool] = lambda text: True,
+    prefix: str | Sequence[str] = "",
+    **gen: Any,
+) -> list[list[Reply]]:
+    """``engine.generate`` as :class:`Reply` records; with ``letters`` and ``cue`` (per prompt), each reply
+    for which ``needs_score(text)`` holds is scored: the letters' log-probabilities after the reply and its cue.
+
+    llama.cpp scores in its batched decoder where each sequence ends (one step); any other engine scores with
+    :meth:`Engine.letter_logprobs` on the prompt, the reply and the cue.
+    """
+    if hasattr(engine, "replies"):
+        return engine.replies(prompts, letters=letters, cue=cue, prefix=prefix, **gen)
+    texts = engine.generate(prompts, prefix=prefix, **gen) if prefix else engine.generate(prompts, **gen)
+    out = [[Reply(t) for t in row] for row in texts]
+    if letters is None or cue is None:
+        return out
+    todo = [(i, r) for i, row in enumerate(out) for r in row if needs_score(r.text)]
+    scored = engine.letter_logprobs(
+        [prompts[i] for i, _ in todo], [r.text + cue[i] for i, r in todo], [letters[i] for i, _ in todo]
+    )
+    for (_, r), sc in zip(todo, scored):
+        r.scores = sc
+    return out
 
 
 def is_gguf(path: str | Path) -> bool:

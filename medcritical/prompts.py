@@ -50,6 +50,14 @@ _INSTRUCT = {
     },
 }
 HEADINGS = {"zh": ("### 思路", "### 推理", "答案："), "en": ("### Plan", "### Reasoning", "Answer: ")}
+# What follows a reply that ends without an answer line, so the model chooses among the option letters
+# (``rounds.force_answer``): the answer line's own words, after a blank line.
+ANSWER_CUE = {lang: "\n\n" + h[2] for lang, h in HEADINGS.items()}
+
+
+def lead(lang: Lang) -> str:
+    """How a rollout's reply starts (``rounds.rollouts.lead``): the layout's first heading."""
+    return HEADINGS[lang][0] + "\n"
 
 
 def detect_lang(text: str) -> Lang:
@@ -241,22 +249,29 @@ def correction_messages(
     lang: Lang,
     wrong_answer: str,
     hint: Literal["none", "wrong"] = "wrong",
+    stated: bool = True,
 ) -> list[dict[str, str]]:
     """Ask the model to review a trajectory, find the faulty step and redo it.
 
     With ``hint="wrong"`` the prompt says the answer is wrong (the key is never
-    given); with ``"none"`` it only asks for a careful review.
+    given); with ``"none"`` it only asks for a careful review. A trajectory
+    that never ``stated`` an answer (it stopped, or was cut off, before its
+    answer line) is shown as it is and the prompt says exactly that.
     """
     msgs = question_messages(question, options, multi, lang)
-    if lang == "zh":
+    if not stated:
+        verdict = {"zh": "这个解答没有给出最终答案。", "en": "This answer never states a final answer."}[lang]
+    elif lang == "zh":
         verdict = "这个解答是错误的。" if hint == "wrong" else "请检查这个解答是否正确。"
+    else:
+        verdict = "This answer is wrong." if hint == "wrong" else "Check whether this answer is correct."
+    if lang == "zh":
         ask = (
             f"下面是对这道题的一个解答：\n\n{wrong_answer}\n\n{verdict}"
             "请找出其中有错误的推理步骤，说明错在哪里，然后按“### 思路”“### 推理”重新作答，"
             "最后一行写“答案：”加选项字母。"
         )
     else:
-        verdict = "This answer is wrong." if hint == "wrong" else "Check whether this answer is correct."
         ask = (
             f"Here is an answer to this question:\n\n{wrong_answer}\n\n{verdict} Find the faulty "
             'reasoning step, explain the error, then answer again with "### Plan" and '
@@ -279,6 +294,7 @@ def prompt_wording(records: Iterable[Any], setting: str) -> dict[str, str]:
         lang: sha256_json(
             [question_messages("Q", opts, multi, lang) for multi in (False, True)]
             + [correction_messages("Q", opts, False, lang, "W", hint) for hint in ("none", "wrong")]
+            + [correction_messages("Q", opts, False, lang, "W", stated=False), ANSWER_CUE[lang], lead(lang)]
             + [render_template("P", "S", "A", lang)]
         )
         for lang in langs_of(records, setting)

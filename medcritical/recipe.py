@@ -31,7 +31,7 @@ class ModelCfg(Section):
 
 
 class Source(Section):
-    path: str  # a file or dataset directory; "demo" = the bundled demo set
+    path: str  # a file or dataset directory; "demo" = the bundled demo set; "skills" = medcritical.skills
     format: Literal["auto", "cmexam", "jsonl", "medqa", "hf-disk"] = "auto"
     limit: int | None = Field(None, gt=0)
     lang: Literal["any", "zh", "en"] = "any"  # keep only questions in this language (CJK text = zh)
@@ -140,6 +140,9 @@ class RolloutCfg(Section):
     # decodes them in one batch per step; transformers pads them into one batch; served engines get them at once).
     batch_size: int = Field(8, gt=0)
     questions: int | None = Field(None, gt=0)  # train questions per round (None = all)
+    # Start every reply with the layout's first heading ("### Plan"), as the SFT templates do: a small student
+    # then writes the layout the pairs need far more often. Evaluation never does this.
+    lead: bool = True
 
     @model_validator(mode="after")
     def _served(self) -> RolloutCfg:
@@ -180,6 +183,9 @@ class RoundsCfg(Section):
     pairs: PairsCfg = Field(default_factory=PairsCfg)
     dpo: DpoCfg = Field(default_factory=DpoCfg)
     early_stop: bool = True
+    # A rollout or correction without its own answer line gets the answer cue and the model picks among the
+    # option letters by its next-token scores (medcritical.selfplay); false: the lenient reading of old.
+    force_answer: bool = True
 
 
 QUANTS = ("f16", "bf16", "q8_0", "q4_k_m", "q4_k_s", "q5_k_m", "q6_k", "q4_0", "q4_1", "q5_0", "q5_1")

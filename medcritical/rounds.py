@@ -135,7 +135,7 @@ def run_round(
     questions = round_questions(recipe, r, console)
     # what the generating and grading parts share: seeds, the student's prompts, the grader
     shared = {"seed": recipe.seed, "round": r, "language": recipe.language, "grader": GRADER_VERSION,
-              "prompts": prompt_wording(questions, recipe.language)}  # fmt: skip
+              "prompts": prompt_wording(questions, recipe.language), "force_answer": recipe.rounds.force_answer}  # fmt: skip
     base = model_fingerprint(resolve_model(recipe.model.name_or_path))
     engine = engine_material(recipe)
     row: dict[str, Any] = {"round": r, "questions": len(questions), "start_adapter": start_hash}
@@ -162,9 +162,9 @@ def run_round(
     try:
         if need(ro, "rollouts"):
             rolled = selfplay.rollouts(recipe, policy, questions, rd.rollouts_log, console, round_no=r)
-            ro.done(_rollout_stats(rolled), outputs=["rollouts.jsonl"], engine=policy.info())
+            ro.done(_rollout_stats(rolled, questions), outputs=["rollouts.jsonl"], engine=policy.info())
         rolled = JsonlLog(rd.rollouts_log)
-        row |= _rollout_stats(rolled) | {"rollout_engine": _engines_used(rolled.values())}
+        row |= _rollout_stats(rolled, questions) | {"rollout_engine": _engines_used(rolled.values())}
 
         if past("corrections"):
             return row
@@ -275,14 +275,33 @@ def _free_accelerator_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _rollout_stats(rolled: JsonlLog) -> dict[str, Any]:
+def _share(part: int, whole: int) -> float | None:
+    return round(part / whole, 4) if whole else None
+
+
+def _answer_stats(samples: list[dict], prefix: str) -> dict[str, Any]:
+    """How the samples' answers were reached: stated, forced (and how often forced ones were right), cut."""
+    forced = [s for s in samples if s.get("answered") == "forced"]
+    n = len(samples)
+    return {
+        f"{prefix}_stated": _share(sum(s.get("answered", "stated") == "stated" for s in samples), n),
+        f"{prefix}_forced": _share(len(forced), n),
+        f"{prefix}_forced_accuracy": _share(sum(s["correct"] for s in forced), len(forced)),
+        f"{prefix}_cut": sum(bool(s.get("cut")) for s in samples),
+    }
+
+
+def _rollout_stats(rolled: JsonlLog, questions: list[MCQ]) -> dict[str, Any]:
     samples = [s for row in rolled.values() for s in row["samples"]]
     n = max(len(samples), 1)
+    # what a uniform guess scores: 1/options for single answers, 1/(subsets of two or more) for multi
+    chance = [1 / len(q.options) if not q.multi else 1 / (2 ** len(q.options) - len(q.options) - 1) for q in questions]
     return {
         "sample_accuracy": round(sum(s["correct"] for s in samples) / n, 4),
         "sample_parse_rate": round(sum(s["parsed"] is not None for s in samples) / n, 4),
         "sample_committed": round(sum(bool(s.get("committed")) for s in samples) / n, 4),
-    }
+        "chance": _share(round(sum(chance), 4), len(chance)) if chance else None,
+    } | _answer_stats(samples, "sample")
 
 
 def _correction_stats(corrected: JsonlLog) -> dict[str, Any]:
@@ -291,7 +310,8 @@ def _correction_stats(corrected: JsonlLog) -> dict[str, Any]:
         "corrections_tried": len(rows),
         "corrections_verified": sum(c["verified"] for c in rows),
         "corrections_lenient": sum(bool(c.get("verified_lenient")) for c in rows),
-    }
+        "corrections_unstated": sum(not c.get("stated", True) for c in rows),
+    } | _answer_stats([a for c in rows for a in c["attempts"]], "correction")
 
 
 def run(recipe: Recipe, run_dir: RunDir, console: Console, check: bool = False) -> dict[str, Any]:
@@ -375,11 +395,17 @@ COLUMNS = (
     "dev_accuracy",
     "dev_parse_rate",
     "sample_accuracy",
+    "chance",
+    "sample_forced",
+    "sample_forced_accuracy",
     "sample_committed",
     "corrections_tried",
     "corrections_verified",
     "pairs_pairs",
+    "pairs_correction",
+    "pairs_self-consistency",
     "dpo_steps",
+    "dpo_loss_last",
     "dpo_reward_margin_last",
     "rollout_engine",
 )

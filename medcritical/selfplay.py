@@ -22,6 +22,20 @@ DPO must never learn to prefer such a reply. A verified correction is trained
 as its last template (a correction often quotes the wrong trajectory first),
 rendered in the student layout.
 
+**Every trajectory commits** (``rounds.force_answer``, on by default). A
+small student often stops, or is cut off, before its answer line. Such a reply
+gets the answer cue of its language ("Answer: " / "答案：") and the model
+chooses among the question's option letters by its own next-token scores
+(:func:`~medcritical.engines.sample_replies`; multi-answer questions by the rule
+log-likelihood evaluation uses). The key never enters a prompt. The reply is
+then graded on that answer; its log row says how the answer was reached
+(``answered``: ``stated`` on its own answer line, ``forced``, or ``none``).
+So both sides of a pair end in an answer line: they differ in content, not in
+whether an answer was given. A reply that stated no answer is corrected with
+a prompt that says so, not "this answer is wrong". ``force_answer: false``
+keeps the older reading: the lenient parse grades, and only a reply with its
+own answer line may be chosen.
+
 Rollouts and corrections append JSONL keyed by id. Generation is cut in chunks
 over the whole question list with a seed per (round, step, chunk)
 (:func:`medcritical.steps.pending_chunks`), so a killed round redoes only its
@@ -39,9 +53,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .artifacts import JsonlLog, atomic_write_text
 from .data import MCQ
-from .engines import Engine
+from .engines import Engine, Reply, sample_replies
 from .grading import committed_answer, extract_answer, grade
-from .prompts import choose_lang, correction_messages, question_messages, render_template, split_template
+from .prompts import (
+    ANSWER_CUE,
+    answer_line,
+    choose_lang,
+    correction_messages,
+    lead,
+    question_messages,
+    render_template,
+    split_template,
+)
 from .recipe import Recipe
 from .runtime import Ticker
 from .steps import derive_seed, pending_chunks
@@ -72,16 +95,60 @@ def as_chosen(text: str, q: MCQ, lang: str) -> tuple[str | None, str]:
     return render_template(parts[0], parts[1], stated, lang), "ok"  # type: ignore[arg-type]
 
 
-def _grade(text: str, q: MCQ, lang: str) -> dict:
+def pick_letters(scores: dict[str, float], multi: bool) -> set[str]:
+    """The forced answer from the letters' scores, by the rule log-likelihood evaluation uses."""
+    from .evaluate import pick_from_logprobs
+
+    return pick_from_logprobs(scores, multi)
+
+
+def _grade(reply: Reply, q: MCQ, lang: str, force: bool) -> dict:
+    """A graded reply. With ``force``, a reply without its own answer line is answered by its forced letters
+    (``answered: forced``) and ``text`` gets that answer line; ``raw`` keeps what the model wrote."""
+    raw = reply.text
+    stated = committed_answer(raw, q.options.keys())
+    text, answered = raw, "stated" if stated else "none"
+    if stated is None and force and reply.scores:
+        letters = pick_letters(reply.scores, q.multi)
+        text, answered = raw.rstrip() + "\n\n" + answer_line(letters, lang), "forced"  # type: ignore[arg-type]
     parsed = extract_answer(text, q.options.keys())
     chosen, why = as_chosen(text, q, lang)
-    return {
+    row = {
         "text": text,
         "parsed": sorted(parsed) if parsed else None,
         "correct": grade(parsed, q.answer),
         "committed": chosen is not None,  # may be a chosen reply (see the module doc)
         "why": why,
+        "answered": answered,
+        "cut": reply.cut,
     }
+    if answered == "forced":
+        row |= {"raw": raw, "scores": {k: round(v, 4) for k, v in reply.scores.items()}}  # type: ignore[union-attr]
+    return row
+
+
+def as_rejected(sample: dict, lang: str) -> str:
+    """A wrong sample as the rejected side: in the student layout when it wrote one, with its answer line
+    (stated or forced); a reply with no answer at all (``force_answer: false``) stays as written."""
+    parts = split_template(sample["text"], lang)  # type: ignore[arg-type]
+    if parts is None or not sample.get("parsed"):
+        return sample["text"]
+    return render_template(parts[0], parts[1], sample["parsed"], lang)  # type: ignore[arg-type]
+
+
+def _sample(
+    recipe: Recipe, engine: Engine, msgs: list, chunk: Sequence[MCQ], langs: list, *, prefix: bool, **gen: Any
+) -> list[list[Reply]]:
+    """Replies to ``msgs`` (the chunk's prompts); with ``rounds.force_answer``, scored where they do not commit."""
+    force = recipe.rounds.force_answer
+    return sample_replies(
+        engine, msgs,
+        letters=[list(q.options) for q in chunk] if force else None,
+        cue=[ANSWER_CUE[lg] for lg in langs] if force else None,
+        needs_score=lambda text: committed_answer(text, "ABCDEFGHIJ") is None,
+        prefix=[lead(lg) for lg in langs] if prefix else "",
+        **gen,
+    )  # fmt: skip
 
 
 def rollouts(
@@ -100,13 +167,15 @@ def rollouts(
             chunk = [questions[i] for i in positions]
             langs = [choose_lang(q.question, recipe.language) for q in chunk]
             msgs = [question_messages(q.question, q.options, q.multi, lg) for q, lg in zip(chunk, langs)]
-            outs = engine.generate(
-                msgs, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, n=cfg.k,
+            outs = _sample(
+                recipe, engine, msgs, chunk, langs, prefix=cfg.lead,
+                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, n=cfg.k,
                 seed=derive_seed(recipe.seed, "rollouts", round_no, c), batch_size=cfg.batch_size,
             )  # fmt: skip
+            force = recipe.rounds.force_answer
             for q, lg, samples in zip(chunk, langs, outs):
                 if q.id not in log:
-                    log.append({"id": q.id, "samples": [_grade(s, q, lg) for s in samples], "engine": name})
+                    log.append({"id": q.id, "samples": [_grade(s, q, lg, force) for s in samples], "engine": name})
             right = sum(s["correct"] for row in log.values() for s in row["samples"])
             total = sum(len(row["samples"]) for row in log.values())
             prog.update(task, completed=len(log), stats=f"sample acc {right / max(total, 1):.1%}")
@@ -114,16 +183,23 @@ def rollouts(
     return log
 
 
-def to_correct(rows: Iterable[dict], byid: dict[str, MCQ], per_question: int | None) -> list[tuple[str, MCQ, str]]:
-    """(key, question, text) of the wrong samples to correct: at most ``per_question`` per question,
-    those with a parsed (wrong) answer before truncated ones, each in sample order."""
+def _stated(sample: dict) -> bool:
+    """Whether the model itself gave an answer (its answer line, or one the lenient reader finds)."""
+    return sample.get("answered", "stated") == "stated" or (
+        sample.get("answered") == "none" and sample["parsed"] is not None
+    )
+
+
+def to_correct(rows: Iterable[dict], byid: dict[str, MCQ], per_question: int | None) -> list[tuple[str, MCQ, dict]]:
+    """(key, question, sample) of the wrong samples to correct: at most ``per_question`` per question,
+    those that stated a (wrong) answer before those that stated none, each in sample order."""
     wrong = []
     for row in rows:
         if row["id"] not in byid:
             continue
         bad = [(j, s) for j, s in enumerate(row["samples"]) if not s["correct"]]
-        bad.sort(key=lambda js: js[1]["parsed"] is None)  # stable: sample order within each kind
-        wrong += [(f"{row['id']}#{j}", byid[row["id"]], s["text"]) for j, s in bad[:per_question]]
+        bad.sort(key=lambda js: not _stated(js[1]))  # stable: sample order within each kind
+        wrong += [(f"{row['id']}#{j}", byid[row["id"]], s) for j, s in bad[:per_question]]
     return wrong
 
 
@@ -154,27 +230,31 @@ def corrections(
             chunk = [wrong[i] for i in positions]
             langs = [choose_lang(q.question, recipe.language) for _, q, _ in chunk]
             msgs = [
-                correction_messages(q.question, q.options, q.multi, lg, text, cfg.hint)
-                for (_, q, text), lg in zip(chunk, langs)
+                correction_messages(q.question, q.options, q.multi, lg, s.get("raw", s["text"]), cfg.hint, _stated(s))
+                for (_, q, s), lg in zip(chunk, langs)
             ]
-            outs = engine.generate(
-                msgs, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=1.0, n=cfg.attempts,
+            outs = _sample(
+                recipe, engine, msgs, [q for _, q, _ in chunk], langs, prefix=False,
+                max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=1.0, n=cfg.attempts,
                 seed=derive_seed(recipe.seed, "corrections", round_no, c), batch_size=recipe.rounds.rollouts.batch_size,
             )  # fmt: skip
-            for (key, q, text), lg, attempts in zip(chunk, langs, outs):
+            for (key, q, s), lg, attempts in zip(chunk, langs, outs):
                 if key in log:
                     continue
-                graded = [_grade(a, q, lg) for a in attempts]
+                graded = [_grade(a, q, lg, recipe.rounds.force_answer) for a in attempts]
                 ok = next((g for g in graded if g["committed"]), None)
                 log.append(
                     {
                         "id": key,
                         "question_id": q.id,
-                        "rejected": text,
+                        "rejected": as_rejected(s, lg),
+                        "rejected_answered": s.get("answered"),
+                        "stated": _stated(s),
                         "attempts": graded,
                         "verified": ok is not None,
                         "verified_lenient": any(g["correct"] for g in graded),
                         "chosen": as_chosen(ok["text"], q, lg)[0] if ok else None,
+                        "chosen_answered": ok["answered"] if ok else None,
                         "engine": name,
                     }
                 )
@@ -197,12 +277,15 @@ def build_pairs(
     cfg = recipe.rounds.pairs
     byid = {q.id: q for q in questions}
     order = {q.id: i for i, q in enumerate(questions)}
-    candidates: dict[str, list[tuple[str, str, str]]] = {}
+    # per question: (chosen, rejected, kind, how each side's answer was reached)
+    candidates: dict[str, list[tuple[str, str, str, str | None, str | None]]] = {}
     stats = {"candidates": 0, "not_committed": 0, "duplicates": 0, "too_long": 0, "over_cap": 0}
     if cfg.strategy in ("correction", "mixed"):
         for c in corrected.values():
             if c["verified"]:
-                candidates.setdefault(c["question_id"], []).append((c["chosen"], c["rejected"], "correction"))
+                candidates.setdefault(c["question_id"], []).append(
+                    (c["chosen"], c["rejected"], "correction", c.get("chosen_answered"), c.get("rejected_answered"))
+                )
             elif c.get("verified_lenient"):
                 stats["not_committed"] += 1
     if cfg.strategy in ("self-consistency", "mixed"):
@@ -211,12 +294,19 @@ def build_pairs(
                 continue
             q = byid[row["id"]]
             lang = choose_lang(q.question, recipe.language)
-            good = [as_chosen(s["text"], q, lang)[0] for s in row["samples"] if s["correct"] and s.get("committed")]
+            good = [s for s in row["samples"] if s["correct"] and s.get("committed")]
             stats["not_committed"] += sum(s["correct"] and not s.get("committed") for s in row["samples"])
-            bad = [s["text"] for s in row["samples"] if not s["correct"]]
+            # wrong samples in the student layout first: the pair then differs in content, not in format
+            bad = sorted((s for s in row["samples"] if not s["correct"]),
+                         key=lambda s: split_template(s["text"], lang) is None)  # fmt: skip
             for g, b in zip(good, bad):
-                candidates.setdefault(row["id"], []).append((g, b, "self-consistency"))
+                candidates.setdefault(row["id"], []).append(
+                    (as_chosen(g["text"], q, lang)[0], as_rejected(b, lang), "self-consistency",
+                     g.get("answered"), b.get("answered"))
+                )  # fmt: skip
     stats["candidates"] = sum(map(len, candidates.values()))
+    for key in ("correction", "self-consistency", "chosen_forced", "rejected_forced", "rejected_no_answer"):
+        stats[key] = 0
     pairs = []
     for qid in sorted(candidates, key=lambda i: order.get(i, len(order))):
         q = byid[qid]
@@ -228,7 +318,7 @@ def build_pairs(
             if tokenizer
             else 0
         )
-        for chosen, rejected, kind in candidates[qid]:
+        for chosen, rejected, kind, chosen_by, rejected_by in candidates[qid]:
             if chosen.strip() == rejected.strip() or (chosen, rejected) in seen:
                 stats["duplicates"] += 1
                 continue
@@ -242,6 +332,10 @@ def build_pairs(
                 stats["over_cap"] += 1
                 continue
             kept += 1
+            stats[kind] += 1
+            stats["chosen_forced"] += chosen_by == "forced"
+            stats["rejected_forced"] += rejected_by == "forced"
+            stats["rejected_no_answer"] += committed_answer(rejected, q.options.keys()) is None
             pairs.append(
                 {
                     "id": f"{qid}#{kept}",
@@ -249,6 +343,8 @@ def build_pairs(
                     "chosen": [{"role": "assistant", "content": chosen}],
                     "rejected": [{"role": "assistant", "content": rejected}],
                     "kind": kind,
+                    "chosen_answered": chosen_by,
+                    "rejected_answered": rejected_by,
                 }
             )
     stats["pairs"] = len(pairs)

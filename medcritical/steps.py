@@ -54,9 +54,9 @@ from .errors import UserError
 CODE = {
     "teach": 4,
     "sft": 4,
-    "rollouts": 4,
-    "corrections": 4,
-    "pairs": 4,
+    "rollouts": 5,
+    "corrections": 5,
+    "pairs": 5,
     "dpo": 4,
     "eval": 4,
     "gguf": 4,

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .artifacts import atomic_write_json, read_json, sha256_json
+from . import skills
 from .errors import UserError
 
 if TYPE_CHECKING:
@@ -380,6 +381,8 @@ def dataset_template(mcq: MCQ, lang: Lang) -> tuple[str, str] | None:
     student must learn the argument, not an appeal to a key it will never have.
     The caller renders the final answer line from the key.
     """
+    if mcq.source.startswith(f"{skills.SOURCE}:"):  # generated: the rule-written working is the template
+        return skills.template(mcq)
     kept = [s for s in _sentences(mcq.explanation, lang) if find_leak(s) is None]
     if not kept:
         return None
