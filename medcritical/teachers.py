@@ -30,8 +30,8 @@ from itertools import groupby
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .artifacts import atomic_write_json, read_json, sha256_json
 from . import skills
+from .artifacts import atomic_write_json, read_json, sha256_json
 from .errors import UserError
 
 if TYPE_CHECKING:
