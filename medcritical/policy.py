@@ -74,7 +74,7 @@ def engine_kind(recipe: Any) -> str:
     from .models import cuda_available
 
     if cuda_available():
-        from .served import vllm_available
+        from .serving.vllm import vllm_available
 
         return "vllm" if vllm_available() else "transformers"
     if importlib.util.find_spec("llama_cpp") is None:
@@ -135,7 +135,7 @@ def open_policy(
             ).path  # fmt: skip
         if kind == "llamacpp":
             return LlamaCppEngine(gguf, n_ctx=recipe.eval.n_ctx, seed=recipe.seed)
-        from .served import LlamaCppServer
+        from .serving.llamacpp import LlamaCppServer
 
         with console.status(f"starting llama.cpp server on {gguf} ({srv.parallel} process(es))..."):
             server = LlamaCppServer(
@@ -147,7 +147,8 @@ def open_policy(
     if kind == "openai":
         import os
 
-        from .served import VLLM_SAMPLING, OpenAIEngine, load_lora_adapter
+        from .serving.client import OpenAIEngine
+        from .serving.vllm import VLLM_SAMPLING, load_lora_adapter
 
         key = os.environ.get(srv.api_key_env)
         if adapter is not None:
@@ -171,7 +172,7 @@ def open_policy(
 def _vllm(recipe: Any, adapter: Path | None, adapter_hash: str | None, cache: Path, console: Console) -> Any:
     """vLLM on the base with the adapter as a LoRA (``server.lora``), or on the merged policy."""
     from .default_model import resolve_model
-    from .served import VllmServer, vllm_available
+    from .serving.vllm import VllmServer, vllm_available
 
     if not vllm_available():
         raise UserError(
