@@ -6,7 +6,7 @@ Library modules, in pipeline order (they import only medcritical's shared glue):
 * :mod:`export.gguf` - llama.cpp's converter (isolated), quantization, metadata stamps, Ollama Modelfiles.
 * :mod:`export.build` - the one GGUF builder (merge -> convert -> quantize), cached by key.
 * :mod:`export.parity` - each GGUF against the merged model on dev questions.
-* :mod:`export.chat`, :mod:`export.serve` - terminal chat and an OpenAI-compatible server on a
+* :mod:`export.chat`, :mod:`export.api_server` - terminal chat and an OpenAI-compatible server on a
   GGUF; llama-cpp-python only (no torch), so they run on a ``requirements-infer.txt`` install.
 
 Stages: :mod:`export.stage` (``export``: the selected policy as stamped GGUFs with parity)

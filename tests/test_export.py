@@ -1,4 +1,4 @@
-"""Export end to end on tiny real models: merge -> GGUF -> quantize -> stamp -> parity (chat, serve: test_serve.py).
+"""Export end to end on tiny real models: merge -> GGUF -> quantize -> stamp -> parity (chat, api_server: test_serve.py).
 
 Everything is real: peft adapters with random non-zero B, llama.cpp's converter
 in its isolated directory, llama.cpp quantization and inference. Each tiny
