@@ -122,10 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from export.merge import merge_adapters
     from medcritical.data import load_recipe_data
     from medcritical.default_model import materialize
     from medcritical.engines import HFEngine, LlamaCppEngine
+    from medcritical.gguf.merge import merge_adapters
     from medcritical.models import load_model, load_tokenizer
     from medcritical.policy import policy_gguf
     from medcritical.recipe import Recipe

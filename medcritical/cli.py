@@ -130,7 +130,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = args.model or recipe.model.name_or_path
     mode = args.mode or ev.mode
     if is_gguf(model) or Path(model).is_file():
-        from .gguf_file import check_gguf
+        from .gguf.file import check_gguf
 
         check_gguf(model)  # a missing, truncated or foreign file: one line, before anything is written
     if is_gguf(model):

@@ -220,7 +220,7 @@ def engine_material(recipe: Any) -> dict[str, Any]:
 
         return settings | stack(recipe.model)
     if kind in ("llamacpp", "llamacpp-server"):
-        from export.build import build_libraries
+        from .gguf.build import build_libraries
 
         return settings | {"libraries": build_libraries()}
     if kind == "vllm":

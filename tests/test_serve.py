@@ -517,7 +517,7 @@ def test_system_settings() -> None:
 
 
 def test_modelfile_carries_the_kits_system_prompt(gguf: Path, tmp_path: Path) -> None:
-    from export.gguf import write_modelfile
+    from export.modelfile import write_modelfile
 
     link = tmp_path / "student.gguf"
     link.symlink_to(gguf)
@@ -602,7 +602,7 @@ def test_check_gguf_reads_the_header(gguf: Path, tmp_path: Path) -> None:
     import gguf as gguf_pkg
     import numpy as np
 
-    from medcritical.gguf_file import GGML_BLOCKS, check_gguf
+    from medcritical.gguf.file import GGML_BLOCKS, check_gguf
 
     facts = check_gguf(gguf)
     assert facts["version"] == 3 and facts["architecture"] == "llama" and facts["tensor_count"] == 272
@@ -666,7 +666,7 @@ def test_check_gguf_reads_the_header(gguf: Path, tmp_path: Path) -> None:
 
 
 def test_open_llama_names_the_file(bad_files) -> None:
-    from medcritical.gguf_file import open_llama
+    from medcritical.gguf.file import open_llama
 
     with pytest.raises(UserError, match=r"nonesuch\.gguf: unsupported architecture 'nonesuch'"):
         open_llama(bad_files["wrong architecture"], n_ctx=64)
