@@ -141,17 +141,21 @@ def run(
     a run directory of its own); ``free_run`` adds free-running answers to the
     parity report (the pipeline compares them in its eval stage instead).
     """
+    from medcritical import rounds, sft, teach
     from medcritical.artifacts import sha256_tree
     from medcritical.gguf.build import build_gguf
     from medcritical.gguf.convert import stamp
-    from medcritical.pipeline import check_upstream
     from medcritical.policy import selected_policy
+    from medcritical.stages import require_upstream
 
     from .parity import run_parity
 
     cfg = recipe.export
     if explicit is None:
-        check_upstream("export", recipe, run_dir, console)  # stamp the recipe the policy was trained with
+        # Stamp the recipe the policy was trained with: teach, sft and rounds must be complete for it.
+        require_upstream(
+            "export", {"teach": teach.check, "sft": sft.check, "rounds": rounds.check}, recipe, run_dir, console
+        )
         base = recipe.model.name_or_path
         adapter, selected = selected_policy(run_dir)
     else:
