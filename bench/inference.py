@@ -39,8 +39,8 @@ def export_timed(
     base: str, adapters: list[str], out: Path, quants: list[str]
 ) -> tuple[dict[str, float], dict[str, Path], Any]:
     """Run the export's steps (no parity) from scratch; returns (seconds per step, GGUFs, merge result)."""
-    from export.gguf import convert, quantize
-    from export.merge import merge_adapters
+    from medcritical.gguf.convert import convert, quantize
+    from medcritical.gguf.merge import merge_adapters
 
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()

@@ -18,7 +18,7 @@ each at the given temperature (top-p 0.95). Engines (``--engines``, in order):
 - ``llamacpp``: the same engine as the rounds run it on CPU: ``--batch-size``
   sequences decoded together, one ``llama_decode`` per step for all of them.
 - ``llamacpp-server``: llama-cpp-python's server on the same GGUF
-  (``medcritical.served.LlamaCppServer``), one process with every thread.
+  (``medcritical.serving.llamacpp.LlamaCppServer``), one process with every thread.
 - ``llamacpp-server-xN``: N such processes with ``threads / N`` threads each
   (that server decodes one request at a time; N processes are its "parallel slots").
 - ``vllm-merged``: vLLM (CPU build, its own venv; ``bash setup.sh --vllm``) on base
@@ -122,14 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from export.merge import merge_adapters
     from medcritical.data import load_recipe_data
     from medcritical.default_model import materialize
     from medcritical.engines import HFEngine, LlamaCppEngine
+    from medcritical.gguf.merge import merge_adapters
     from medcritical.models import load_model, load_tokenizer
     from medcritical.policy import policy_gguf
     from medcritical.recipe import Recipe
-    from medcritical.served import LlamaCppServer, VllmServer, vllm_available
+    from medcritical.serving.llamacpp import LlamaCppServer
+    from medcritical.serving.vllm import VllmServer, vllm_available
 
     OneAtATime = _one_at_a_time()
     hf_logging.set_verbosity_error()

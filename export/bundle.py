@@ -141,7 +141,7 @@ def run(recipe: Any, run_dir: Any, console: Console) -> dict[str, Any]:
 
     from medcritical.steps import Step
 
-    from .gguf import write_modelfile
+    from .modelfile import write_modelfile
     from .stage import exported
 
     ex = exported(run_dir)

@@ -148,7 +148,7 @@ def reference_placement(merged_dir: str | Path) -> tuple[str, str]:
     in. Else the CPU: float32 up to 2B parameters (exact logits, a few GB), the
     saved 16-bit dtype above (a 7B in float32 would take 30 GB of RAM).
     """
-    from export.merge import compute_dtype
+    from medcritical.gguf.merge import compute_dtype
     from medcritical.models import cuda_available
 
     stored = compute_dtype(str(merged_dir))

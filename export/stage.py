@@ -2,7 +2,7 @@
 
 1. The policy is the round ``rounds/rounds.json`` selected (or SFT's adapter when
    no round ran), checked against its recorded hash (:func:`medcritical.policy.selected_policy`).
-2. :func:`export.build.build_gguf` makes (or finds, when the rounds already
+2. :func:`medcritical.gguf.build.build_gguf` makes (or finds, when the rounds already
    built it) the merged weights, the 16-bit GGUF and the recipe's quants.
 3. Each GGUF is copied into ``<run>/export/<name>-<type>.gguf`` with its
    provenance in the metadata (``general.*`` and ``medcritical.*``: recipe,
@@ -113,9 +113,8 @@ def _types(cfg: Any) -> list[str]:
 
 def check(recipe: Any, run_dir: RunDir, console: Console) -> None:
     """Refuse unless the export is complete for this recipe and the policy the rounds selected."""
+    from medcritical.gguf.build import build_step, gguf_name
     from medcritical.policy import selected_policy
-
-    from .build import build_step, gguf_name
 
     cfg = recipe.export
     _, selected = selected_policy(run_dir)
@@ -142,17 +141,21 @@ def run(
     a run directory of its own); ``free_run`` adds free-running answers to the
     parity report (the pipeline compares them in its eval stage instead).
     """
+    from medcritical import rounds, sft, teach
     from medcritical.artifacts import sha256_tree
-    from medcritical.pipeline import check_upstream
+    from medcritical.gguf.build import build_gguf
+    from medcritical.gguf.convert import stamp
     from medcritical.policy import selected_policy
+    from medcritical.stages import require_upstream
 
-    from .build import build_gguf
-    from .gguf import stamp
     from .parity import run_parity
 
     cfg = recipe.export
     if explicit is None:
-        check_upstream("export", recipe, run_dir, console)  # stamp the recipe the policy was trained with
+        # Stamp the recipe the policy was trained with: teach, sft and rounds must be complete for it.
+        require_upstream(
+            "export", {"teach": teach.check, "sft": sft.check, "rounds": rounds.check}, recipe, run_dir, console
+        )
         base = recipe.model.name_or_path
         adapter, selected = selected_policy(run_dir)
     else:

@@ -130,7 +130,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = args.model or recipe.model.name_or_path
     mode = args.mode or ev.mode
     if is_gguf(model) or Path(model).is_file():
-        from .gguf_file import check_gguf
+        from .gguf.file import check_gguf
 
         check_gguf(model)  # a missing, truncated or foreign file: one line, before anything is written
     if is_gguf(model):
@@ -427,8 +427,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from export.api_server import check_bind, check_cors_origin, resolve_api_key, serve
     from export.chat import system_setting
-    from export.serve import check_bind, check_cors_origin, resolve_api_key, serve
 
     # Everything that needs no model is checked before the model loads.
     api_key = resolve_api_key(args.api_key, args.api_key_file)
@@ -456,7 +456,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _register_chat_serve(sub: argparse._SubParsersAction) -> None:
     """``chat`` and ``serve``: llama-cpp-python only, so they run on an inference-only install."""
-    from export.serve import API_KEY_ENV, MAX_REQUEST_BYTES
+    from export.api_server import API_KEY_ENV, MAX_REQUEST_BYTES
 
     system_help = (
         "system prompt: 'auto' (default) = the one the student was trained and evaluated with, in the language "

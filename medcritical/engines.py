@@ -227,7 +227,7 @@ class LlamaCppEngine:
     def __init__(self, gguf: str | Path, n_ctx: int = 4096, n_threads: int | None = None, seed: int = 0) -> None:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        from .gguf_file import open_llama
+        from .gguf.file import open_llama
 
         gguf = Path(gguf)
         self.gguf = gguf

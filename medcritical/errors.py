@@ -11,3 +11,9 @@ class UserError(Exception):
     The message must be one line and name the place (file, row, key) and the
     reason, e.g. ``data.csv: row 12: Answer: empty``.
     """
+
+
+def short(text: str, limit: int = 200) -> str:
+    """``text`` on one line, cut to ``limit`` characters: a server's message or log tail inside a UserError."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -220,11 +220,11 @@ def engine_material(recipe: Any) -> dict[str, Any]:
 
         return settings | stack(recipe.model)
     if kind in ("llamacpp", "llamacpp-server"):
-        from export.build import build_libraries
+        from .gguf.build import build_libraries
 
         return settings | {"libraries": build_libraries()}
     if kind == "vllm":
-        from .served import vllm_venv
+        from .serving.vllm import vllm_venv
 
         found = sorted((vllm_venv() / "lib").glob("python3*/site-packages/vllm*-*.dist-info"))
         return settings | {"vllm": found[-1].name.removesuffix(".dist-info") if found else None}

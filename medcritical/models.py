@@ -15,11 +15,13 @@ the quirks are handled once:
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .artifacts import atomic_write_text
 from .default_model import resolve_model
 from .errors import UserError
 from .recipe import LoraCfg, ModelCfg
@@ -252,12 +254,24 @@ def random_lora(base: str | Path, out: Path, cfg: LoraCfg, seed: int = 0, scale:
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * scale)
-    from .training import canonical_adapter_config
-
     peft_model.save_pretrained(out)
     canonical_adapter_config(Path(out) / "adapter_config.json")
     AutoTokenizer.from_pretrained(base).save_pretrained(out)
     return out
+
+
+def canonical_adapter_config(path: Path) -> None:
+    """Rewrite peft's ``adapter_config.json`` with its lists in a fixed order.
+
+    peft keeps ``target_modules`` as a set, so the file lists them in an order
+    that changes from process to process (string hashing is salted): the same
+    adapter would hash differently, and every step keyed by it would be redone.
+    """
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    for key in ("target_modules", "modules_to_save", "exclude_modules"):
+        if isinstance(cfg.get(key), list):
+            cfg[key] = sorted(cfg[key])
+    atomic_write_text(path, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def add_unsloth_lora(loaded: Loaded, cfg: LoraCfg, seed: int) -> Any:

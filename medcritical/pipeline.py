@@ -2,8 +2,8 @@
 
     teach -> sft -> rounds -> export -> eval -> bundle
 
-Each stage is a function ``run(recipe, run_dir, console) -> metrics`` (:data:`STAGES`)
-and runs in its own child process (``python -m medcritical.pipeline STAGE RECIPE``),
+Each stage is a function ``run(recipe, run_dir, console) -> metrics`` (:func:`stage_table`;
+the names and their order are :data:`medcritical.stages.STAGES`) and runs in its own child process (``python -m medcritical.pipeline STAGE RECIPE``),
 for three reasons: its peak memory is its own (measured with ``wait4``), the
 memory of one stage is returned to the system before the next starts, and a
 crash in one stage cannot leave another's state half-built in the same
@@ -14,7 +14,7 @@ second ``run`` on the same directory fails at once instead of writing the same f
 The recipe is read once: the parent resolves the file and its overrides and writes the result to
 ``<run>/.pipeline/recipe.yaml``, which every child reads, so editing the file mid-run changes nothing
 until the next run. With ``--from`` or ``--only`` the earlier stages are not run; a child first checks
-that what they left is complete for this recipe (:data:`CHECKS`), or the run is refused in one line
+that what they left is complete for this recipe (each stage's ``check``), or the run is refused in one line
 naming the stage and what changed, before anything starts.
 
 Stages skip or resume their own steps (:mod:`medcritical.steps`); each child
@@ -26,7 +26,6 @@ and peak memory) and the report (``report.md``, ``report.png``, ``report.json``)
 
 from __future__ import annotations
 
-import importlib
 import os
 import signal
 import sys
@@ -40,57 +39,40 @@ from .artifacts import atomic_write_json, read_json, read_manifest, write_manife
 from .errors import UserError
 from .layout import RunDir
 from .recipe import Recipe, load_recipe
+from .stages import STAGES, Check, require_upstream, select_stages
 
-# stage -> "module:function"; every function is run(recipe, run_dir, console) -> metrics.
-STAGES = {
-    "teach": "medcritical.teach:run",
-    "sft": "medcritical.sft:run",
-    "rounds": "medcritical.rounds:run",
-    "export": "export.stage:run",
-    "eval": "medcritical.evaluate:run",
-    "bundle": "export.bundle:run",
-}
+Run = Callable[[Recipe, RunDir, Console], dict[str, Any]]
 
 
-# stage -> "module:function" check(recipe, run_dir, console): raises UserError unless what the stage made is
-# complete for the recipe; it runs and writes nothing.
-CHECKS = {
-    "teach": "medcritical.teach:check",
-    "sft": "medcritical.sft:check",
-    "rounds": "medcritical.rounds:check",
-    "export": "export.stage:check",
-    "eval": "medcritical.evaluate:check",
-}
+def stage_table() -> dict[str, tuple[Run, Check | None]]:
+    """stage -> (its run, its check: None for the last stage, which nothing reads).
+
+    Imported when asked, not with this module: ``medcritical --help`` stays quick, and a stage's child
+    process imports unsloth before transformers (``rounds``, ``sft``) before anything else loads them.
+    """
+    from export import bundle
+    from export import stage as export_stage
+
+    from . import evaluate, rounds, sft, teach
+
+    return {
+        "teach": (teach.run, teach.check),
+        "sft": (sft.run, sft.check),
+        "rounds": (rounds.run, rounds.check),
+        "export": (export_stage.run, export_stage.check),
+        "eval": (evaluate.run, evaluate.check),
+        "bundle": (bundle.run, None),
+    }
 
 
-def _function(spec: str) -> Callable[..., Any]:
-    module, name = spec.split(":")
-    return getattr(importlib.import_module(module), name)
-
-
-def stage_function(stage: str) -> Callable[[Recipe, RunDir, Console], dict[str, Any]]:
-    return _function(STAGES[stage])
+def stage_function(stage: str) -> Run:
+    return stage_table()[stage][0]
 
 
 def check_upstream(stage: str, recipe: Recipe, run_dir: RunDir, console: Console) -> None:
     """Refuse (UserError, one line) unless every stage before ``stage`` is complete for ``recipe``."""
-    for up in list(STAGES)[: list(STAGES).index(stage)]:
-        try:
-            _function(CHECKS[up])(recipe, run_dir, console)
-        except UserError as e:
-            raise UserError(f"{e}; run the {up} stage first") from None
-
-
-def select_stages(start: str | None = None, only: str | None = None) -> list[str]:
-    names = list(STAGES)
-    if start and only:
-        raise UserError("run: --from and --only exclude each other")
-    for name in (start, only):
-        if name is not None and name not in STAGES:
-            raise UserError(f"run: unknown stage {name!r}; stages: {', '.join(names)}")
-    if only:
-        return [only]
-    return names[names.index(start) :] if start else names
+    checks = {name: check for name, (_, check) in stage_table().items() if check is not None}
+    require_upstream(stage, checks, recipe, run_dir, console)
 
 
 def _run_child(argv: list[str]) -> tuple[int, float]:
@@ -163,7 +145,7 @@ def run_pipeline(
         resolved = run_dir.pipeline_recipe
         atomic_write_text(resolved, yaml.safe_dump(recipe.dump(), sort_keys=False, allow_unicode=True))
         child = [sys.executable, "-m", "medcritical.pipeline"]
-        if stages[0] != list(STAGES)[0] and _run_child([*child, "--check-upstream", stages[0], str(resolved)])[0]:
+        if stages[0] != STAGES[0] and _run_child([*child, "--check-upstream", stages[0], str(resolved)])[0]:
             return 1  # the check said why, in one line
         console.rule(f"[bold]medcritical run {recipe.name}[/]: {' -> '.join(stages)}  ({run_dir.root})")
         for i, stage in enumerate(stages, 1):

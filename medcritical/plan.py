@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .gguf_file import GPU_RESERVE, nvidia_smi_mib
+from .gguf.file import GPU_RESERVE, nvidia_smi_mib
 from .recipe import Recipe
 
 GIB = 2**30

@@ -4,7 +4,7 @@ corrections and dev evaluations sample it on.
 ``rounds.rollouts.engine`` names it (:func:`engine_kind` resolves ``auto``):
 
 * ``llamacpp``: a q8_0 GGUF of base + adapter (:func:`policy_gguf`, built once per
-  adapter into ``<run>/policies`` by :func:`export.build.build_gguf`), sampled
+  adapter into ``<run>/policies`` by :func:`medcritical.gguf.build.build_gguf`), sampled
   in-process by llama.cpp; the default on CPU, several times faster there than
   transformers on the 4-bit model (``bench/rollouts.py``);
 * ``transformers``: the 4-bit base with the adapter, as in training.
@@ -47,10 +47,10 @@ def policy_gguf(
 
     Without ``keep_intermediate`` the merged weights and the f16 GGUF are
     deleted once q8_0 is written. The rounds keep them (and prune all but the
-    selected policy's, :func:`export.build.prune`), so the export of the policy
+    selected policy's, :func:`medcritical.gguf.build.prune`), so the export of the policy
     it ships merges and converts nothing again.
     """
-    from export.build import build_gguf
+    from .gguf.build import build_gguf
 
     b = build_gguf(
         base, Path(adapter) if adapter is not None else None, Path(cache_dir), [QTYPE],
@@ -74,12 +74,12 @@ def engine_kind(recipe: Any) -> str:
     from .models import cuda_available
 
     if cuda_available():
-        from .served import vllm_available
+        from .serving.vllm import vllm_available
 
         return "vllm" if vllm_available() else "transformers"
     if importlib.util.find_spec("llama_cpp") is None:
         return "transformers"
-    from export.gguf import find_converter
+    from .gguf.convert import find_converter
 
     try:
         find_converter()
@@ -135,7 +135,7 @@ def open_policy(
             ).path  # fmt: skip
         if kind == "llamacpp":
             return LlamaCppEngine(gguf, n_ctx=recipe.eval.n_ctx, seed=recipe.seed)
-        from .served import LlamaCppServer
+        from .serving.llamacpp import LlamaCppServer
 
         with console.status(f"starting llama.cpp server on {gguf} ({srv.parallel} process(es))..."):
             server = LlamaCppServer(
@@ -147,7 +147,8 @@ def open_policy(
     if kind == "openai":
         import os
 
-        from .served import VLLM_SAMPLING, OpenAIEngine, load_lora_adapter
+        from .serving.client import OpenAIEngine
+        from .serving.vllm import VLLM_SAMPLING, load_lora_adapter
 
         key = os.environ.get(srv.api_key_env)
         if adapter is not None:
@@ -171,7 +172,7 @@ def open_policy(
 def _vllm(recipe: Any, adapter: Path | None, adapter_hash: str | None, cache: Path, console: Console) -> Any:
     """vLLM on the base with the adapter as a LoRA (``server.lora``), or on the merged policy."""
     from .default_model import resolve_model
-    from .served import VllmServer, vllm_available
+    from .serving.vllm import VllmServer, vllm_available
 
     if not vllm_available():
         raise UserError(
@@ -188,7 +189,7 @@ def _vllm(recipe: Any, adapter: Path | None, adapter_hash: str | None, cache: Pa
     if srv.gpu_memory_utilization is not None:
         kw["gpu_memory_utilization"] = srv.gpu_memory_utilization
     if adapter is not None and not srv.lora:
-        from export.build import build_gguf
+        from .gguf.build import build_gguf
 
         build = build_gguf(recipe.model.name_or_path, adapter, cache, [QTYPE], adapter_hash=adapter_hash,
                            keep_intermediate=True, console=console)  # fmt: skip

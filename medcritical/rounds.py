@@ -259,7 +259,7 @@ def run_round(
 
 def _prune(run_dir: RunDir, table: list[dict[str, Any]], selected: int) -> None:
     """Keep the merged weights and f16 GGUF of the selected policy's build only (disk: a 7B merge is 15 GB)."""
-    from export.build import prune
+    from .gguf.build import prune
 
     prune(run_dir.policies, {next(t for t in table if t["round"] == selected)["adapter_hash"]})
 

@@ -96,7 +96,7 @@ class Teacher(Protocol):
 class OpenAITeacher:
     """A chat-completions endpoint, ``concurrency`` calls in flight at once.
 
-    The retry policy is the served engines' (:func:`medcritical.served.call_with_retries`):
+    The retry policy is the served engines' (:func:`medcritical.serving.client.call_with_retries`):
     connection errors, timeouts, 408/409/429 and 5xx are retried with
     exponential backoff and jitter (honouring ``Retry-After``); any other 4xx is
     a setup mistake (wrong key, model or URL) and raises :class:`UserError` at
@@ -117,7 +117,7 @@ class OpenAITeacher:
         retries: int = 4,
         backoff: float = 1.0,
     ) -> None:
-        from .served import openai_client
+        from .serving.client import openai_client
 
         self.base_url = base_url
         self.model = model
@@ -141,7 +141,7 @@ class OpenAITeacher:
 
     def call(self, req: TeacherRequest) -> TeacherReply:
         """One request with retries; raises :class:`UserError` on a setup mistake."""
-        from .served import CallFailed, call_with_retries
+        from .serving.client import CallFailed, call_with_retries
 
         start = time.monotonic()
         where = f"teacher API {self.base_url}"

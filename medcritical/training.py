@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .artifacts import atomic_dir, atomic_write_text
+from .models import canonical_adapter_config
 from .recipe import ModelCfg, TrainCfg
 from .runtime import Ticker
 from .steps import Step
@@ -249,20 +250,6 @@ def peak_memory_mb() -> float:
         return torch.cuda.max_memory_allocated() / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024
-
-
-def canonical_adapter_config(path: Path) -> None:
-    """Rewrite peft's ``adapter_config.json`` with its lists in a fixed order.
-
-    peft keeps ``target_modules`` as a set, so the file lists them in an order
-    that changes from process to process (string hashing is salted): the same
-    adapter would hash differently, and every step keyed by it would be redone.
-    """
-    cfg = json.loads(path.read_text(encoding="utf-8"))
-    for key in ("target_modules", "modules_to_save", "exclude_modules"):
-        if isinstance(cfg.get(key), list):
-            cfg[key] = sorted(cfg[key])
-    atomic_write_text(path, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def train_and_save(trainer: Any, out_dir: Path, adapter_dir: Path, tokenizer: Any) -> dict[str, Any]:

@@ -195,8 +195,8 @@ def test_gguf_layers_go_to_the_gpu_as_far_as_they_fit(monkeypatch) -> None:
     build (this machine's) none. The free memory is what nvidia-smi would report."""
     import llama_cpp
 
-    from medcritical import gguf_file
     from medcritical.default_model import default_gguf
+    from medcritical.gguf import file as gguf_file
 
     facts = gguf_file.check_gguf(default_gguf())
     layers = int(facts["metadata"]["llama.block_count"])

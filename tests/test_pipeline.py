@@ -146,7 +146,7 @@ def finished_run(answering_model: Path, tmp_path_factory: pytest.TempPathFactory
 def test_run_end_to_end_ships_what_the_report_says(finished_run):
     """Round 2 regresses, so round 0 (SFT) stays the policy: rounds.json, the exported GGUF's metadata, the
     report, the bundle's card and its GGUF all name it, and the bundle verifies."""
-    from export.gguf import gguf_metadata
+    from medcritical.gguf.convert import gguf_metadata
 
     recipe, run = finished_run
     manifest = read_manifest(run)
@@ -309,7 +309,7 @@ def test_rerun_skips_every_stage_and_a_changed_knob_redoes_what_depends_on_it(fi
     assert {"round 2 dpo", "eval round 2"} <= redone and not any(s.startswith("round 1") for s in redone)
     assert "rounds: redone: round 2 dpo (inputs changed: dpo.beta)" in " ".join(res.stderr.split())
     assert (run / ".stale").is_dir() and list((run / ".stale").rglob("dpo.STALE.txt"))
-    from export.gguf import gguf_metadata
+    from medcritical.gguf.convert import gguf_metadata
 
     assert read_json(run / "rounds" / "rounds.json")["selected"] == 0  # round 2 regresses again
     assert gguf_metadata(run / "bundle" / "tiny-q8_0.gguf")["medcritical.round"] == "0"

@@ -4,7 +4,7 @@ The server runs in this process (uvicorn in a thread, on a free 127.0.0.1
 port) and is called with the official ``openai`` client and with plain urllib
 for what a client library would never send. llama-cpp-python keeps its model
 in module globals, so one llama app is built per module and each test puts its
-own :class:`export.serve.Guard` (key, origins, limits) in front of it. llama.cpp
+own :class:`export.api_server.Guard` (key, origins, limits) in front of it. llama.cpp
 runs on one thread: the 135M model is fast enough and the CI has 2 cores.
 """
 
@@ -70,7 +70,7 @@ def gguf() -> Path:
 
 @pytest.fixture(scope="module")
 def llama_app(gguf: Path) -> Any:
-    from export.serve import build_llama_app
+    from export.api_server import build_llama_app
 
     return build_llama_app(gguf, alias=ALIAS, n_ctx=1024, n_threads=1)
 
@@ -112,7 +112,7 @@ def running(app: Any) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def serve_with(llama_app: Any, gguf: Path):
     """``with serve_with(api_key=..., cors_origins=...) as base_url:``, all in front of the one llama app."""
-    from export.serve import GuardConfig, PromptCounter, harden
+    from export.api_server import GuardConfig, PromptCounter, harden
 
     counter = PromptCounter(gguf)
 
@@ -197,7 +197,7 @@ def test_no_cross_origin_access_by_default(serve_with, generations) -> None:
 
 
 def test_cors_origin_allows_only_the_named_origin(serve_with) -> None:
-    from export.serve import check_cors_origin
+    from export.api_server import check_cors_origin
 
     def preflight(origin: str) -> dict[str, str]:
         return {
@@ -245,7 +245,7 @@ def test_api_key_is_required_and_checked(serve_with) -> None:
 
 
 def test_api_key_file_must_be_private(tmp_path: Path, monkeypatch) -> None:
-    from export.serve import API_KEY_ENV, read_api_key_file, resolve_api_key
+    from export.api_server import API_KEY_ENV, read_api_key_file, resolve_api_key
 
     f = tmp_path / "key"
     f.write_text(KEY + "\n")
@@ -273,7 +273,7 @@ def test_api_key_file_must_be_private(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_serve_command_refuses_bad_keys_and_open_binds(gguf: Path, tmp_path: Path, capfd) -> None:
-    from export.serve import check_bind, is_loopback
+    from export.api_server import check_bind, is_loopback
     from medcritical.cli import main
 
     world = tmp_path / "key"
@@ -492,7 +492,7 @@ def test_chat_and_serve_do_not_import_torch(gguf: Path) -> None:
         "from medcritical import cli\n"
         "sys.stdin = io.StringIO('hi\\n/exit\\n')\n"
         f"rc = cli.main(['chat', {str(gguf)!r}, '--max-tokens', '3', '--n-ctx', '512'])\n"
-        "from export.serve import create_server_app\n"
+        "from export.api_server import create_server_app\n"
         f"create_server_app({str(gguf)!r}, n_ctx=512)\n"
         "heavy = [m for m in ('torch', 'transformers', 'trl', 'bitsandbytes', 'peft', 'gguf') if m in sys.modules]\n"
         "print(json.dumps({'rc': rc, 'heavy': heavy}))\n"
@@ -517,7 +517,7 @@ def test_system_settings() -> None:
 
 
 def test_modelfile_carries_the_kits_system_prompt(gguf: Path, tmp_path: Path) -> None:
-    from export.gguf import write_modelfile
+    from export.modelfile import write_modelfile
 
     link = tmp_path / "student.gguf"
     link.symlink_to(gguf)
@@ -602,7 +602,7 @@ def test_check_gguf_reads_the_header(gguf: Path, tmp_path: Path) -> None:
     import gguf as gguf_pkg
     import numpy as np
 
-    from medcritical.gguf_file import GGML_BLOCKS, check_gguf
+    from medcritical.gguf.file import GGML_BLOCKS, check_gguf
 
     facts = check_gguf(gguf)
     assert facts["version"] == 3 and facts["architecture"] == "llama" and facts["tensor_count"] == 272
@@ -666,7 +666,7 @@ def test_check_gguf_reads_the_header(gguf: Path, tmp_path: Path) -> None:
 
 
 def test_open_llama_names_the_file(bad_files) -> None:
-    from medcritical.gguf_file import open_llama
+    from medcritical.gguf.file import open_llama
 
     with pytest.raises(UserError, match=r"nonesuch\.gguf: unsupported architecture 'nonesuch'"):
         open_llama(bad_files["wrong architecture"], n_ctx=64)

@@ -1,4 +1,4 @@
-"""Served engines (medcritical.served): llama-cpp-python's server and vLLM behind the Engine protocol.
+"""Served engines (medcritical.serving): llama-cpp-python's server and vLLM behind the Engine protocol.
 
 The model: a tiny llama built here, SmolLM2's tokenizer and chat template, 2 layers, head_dim 64 (vLLM's CPU
 attention has no kernel for tiny_llama's head_dim 16) and weights drawn with std 0.2 instead of 0.02. With
@@ -31,15 +31,10 @@ from pathlib import Path
 import pytest
 
 from medcritical.errors import UserError
-from medcritical.served import (
-    LlamaCppServer,
-    OpenAIEngine,
-    VllmServer,
-    adapter_name,
-    free_port,
-    load_lora_adapter,
-    vllm_available,
-)
+from medcritical.serving.client import OpenAIEngine
+from medcritical.serving.llamacpp import LlamaCppServer
+from medcritical.serving.process import free_port
+from medcritical.serving.vllm import VllmServer, adapter_name, load_lora_adapter, vllm_available
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [
@@ -139,7 +134,7 @@ def test_killed_server_raises_one_user_error_and_close_leaves_nothing(peaked_ggu
     server = LlamaCppServer(peaked_gguf, n_ctx=1024, threads=1, log_file=tmp_path / "server.log").start()
     pids = server.pids()
     assert len(pids) == 2  # the reaper and the server
-    engine = server.engine(concurrency=2, retries=3, backoff=0.2)
+    engine = server.engine(concurrency=2, retries=3)
     done: list[int] = []
 
     def kill_after_first(k: int) -> None:
@@ -160,7 +155,7 @@ def test_server_dies_with_its_parent(peaked_gguf: Path, tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         import time
-        from medcritical.served import LlamaCppServer
+        from medcritical.serving.llamacpp import LlamaCppServer
         s = LlamaCppServer({str(peaked_gguf)!r}, n_ctx=512, threads=1, n_parallel=2).start()
         print(" ".join(map(str, s.pids())), flush=True)
         time.sleep(300)
@@ -253,10 +248,10 @@ def stub():
 
 
 def test_retries_transient_errors_and_seeds_each_sample(stub: str) -> None:
-    from medcritical.served import request_seed as sample_seed
+    from medcritical.serving.client import request_seed as sample_seed
 
     Stub.script = [503, 429]
-    engine = OpenAIEngine(stub, "base", concurrency=1, retries=3, backoff=0.01, extra_body={"top_k": 0})
+    engine = OpenAIEngine(stub, "base", concurrency=1, retries=3, extra_body={"top_k": 0})
     out = engine.generate(PROMPTS[:2], max_new_tokens=8, temperature=0.7, n=2, seed=3)
     assert out == [[f"seed {sample_seed(3, i, j)} temp 0.7 top_k 0" for j in range(2)] for i in range(2)]
     assert len(Stub.calls) == 6  # 4 samples + 2 retries
@@ -270,17 +265,17 @@ def test_retries_transient_errors_and_seeds_each_sample(stub: str) -> None:
 
 def test_setup_errors_fail_at_once_and_dead_urls_after_retries(stub: str) -> None:
     Stub.script = [404]
-    engine = OpenAIEngine(stub, "nope", retries=5, backoff=0.01)
+    engine = OpenAIEngine(stub, "nope", retries=5)
     with pytest.raises(UserError, match="HTTP 404"):
         engine.generate(PROMPTS[:1], max_new_tokens=4)
     assert len(Stub.calls) == 1  # not retried
     Stub.script = [500] * 10
     with pytest.raises(UserError, match=r"HTTP 500 after 3 tries"):
-        OpenAIEngine(stub, "base", retries=2, backoff=0.01).generate(PROMPTS, max_new_tokens=4)
+        OpenAIEngine(stub, "base", retries=2).generate(PROMPTS, max_new_tokens=4)
     dead = f"http://127.0.0.1:{free_port()}/v1"
     t0 = time.monotonic()
     with pytest.raises(UserError, match=r"connection failed .* after 3 tries; is the server running\?"):
-        OpenAIEngine(dead, "base", retries=2, backoff=0.01).generate(PROMPTS * 4, max_new_tokens=4, n=2)
+        OpenAIEngine(dead, "base", retries=2).generate(PROMPTS * 4, max_new_tokens=4, n=2)
     assert time.monotonic() - t0 < 10
 
 

@@ -31,9 +31,9 @@ from typing import Any
 
 from rich.console import Console
 
-from medcritical.artifacts import model_fingerprint, sha256_file
-from medcritical.default_model import resolve_model
-from medcritical.steps import Step, library_versions
+from ..artifacts import model_fingerprint, sha256_file
+from ..default_model import resolve_model
+from ..steps import Step, library_versions
 
 MERGED = "merged"
 MERGED_DTYPE = {"f16": "float16", "bf16": "bfloat16"}
@@ -71,7 +71,7 @@ def _no_hf_bars() -> Iterator[None]:
 def build_libraries() -> dict[str, str | None]:
     """The versions that decide a build's files: the merge (torch, transformers, peft), the converter, and
     llama.cpp's quantizer (llama-cpp-python)."""
-    from .gguf import converter_version
+    from .convert import converter_version
 
     return library_versions("torch", "transformers", "peft", "llama_cpp_python") | {"converter": converter_version()}
 
@@ -112,9 +112,8 @@ def build_gguf(
     Reuses whatever a previous build of the same key left; raises UserError
     when the converter is missing or the model cannot be converted.
     """
-    from medcritical.artifacts import sha256_tree
-
-    from .gguf import convert, quantize
+    from ..artifacts import sha256_tree
+    from .convert import convert, quantize
     from .merge import merge_adapters
 
     console = console or Console(stderr=True)
@@ -226,7 +225,7 @@ def prune(cache_dir: Path, keep_adapters: set[str | None]) -> list[Path]:
             del outputs[rel]
         if gone:
             m["outputs"] = outputs
-            from medcritical.artifacts import atomic_write_json
+            from ..artifacts import atomic_write_json
 
             atomic_write_json(d / "manifest.json", m)
             pruned.append(d)

