@@ -440,3 +440,144 @@ def benchmark_records(name: str, path: str | Path, strict: bool = False, console
     if not records:
         raise UserError(f"{path}: no {_bench(name).title} questions with an answer key in it")
     return records
+
+
+# ---- the results table ----------------------------------------------------------------------
+
+SCORING = "exact match of the option letter(s) extracted from the reply (multi-answer: all or nothing)"
+
+
+def parse_benches(specs: list[str], yaml_file: str | None = None) -> list[tuple[str, Path]]:
+    """``NAME=PATH`` options, then a YAML file mapping names to paths (relative to the file)."""
+    pairs: list[tuple[str, Path]] = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise UserError(f"--bench {spec!r}: expected NAME=PATH, e.g. medqa=data/US/test.jsonl")
+        pairs.append((name.strip(), Path(path.strip())))
+    if yaml_file:
+        import yaml
+
+        try:
+            doc = yaml.safe_load(Path(yaml_file).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as e:
+            raise UserError(f"{yaml_file}: cannot read: {str(e).splitlines()[0]}") from None
+        if not isinstance(doc, dict) or not all(isinstance(v, str) for v in doc.values()):
+            raise UserError(f"{yaml_file}: expected a mapping of benchmark name to path, e.g. 'medqa: US/test.jsonl'")
+        pairs += [(str(k), Path(yaml_file).parent / v) for k, v in doc.items()]
+    for name, _ in pairs:
+        _bench(name)  # an unknown name fails before any model loads
+    labels = [n.lower() for n, _ in pairs]
+    dup = next((n for n in labels if labels.count(n) > 1), None)
+    if dup:
+        raise UserError(f"benchmark {dup} named twice; evaluate one file or folder per benchmark")
+    return pairs
+
+
+def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    """The 95% Wilson score interval of ``correct / n``: honest near 0 and 1 and for small n."""
+    if n == 0:
+        return None
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def output_tokens(engine: Any, text: str) -> int | None:
+    """How many tokens a reply is, in the engine's own tokenizer (None: the engine has none here)."""
+    if hasattr(engine, "tokenize"):
+        return len(engine.tokenize(text))
+    tok = getattr(engine, "tok", None)
+    return len(tok(text, add_special_tokens=False)["input_ids"]) if tok is not None else None
+
+
+def count_cut(engine: Any, predictions: Path, max_new_tokens: int) -> int | None:
+    """Replies that ran to the length cap, counted by re-tokenizing each reply (engines return text).
+    Within one token: decoding strips the reply's edges, so a cut reply can re-tokenize one short."""
+    from .artifacts import read_jsonl
+
+    counts = [output_tokens(engine, r["output"]) for r in read_jsonl(predictions)]
+    if any(c is None for c in counts):
+        return None
+    return sum(c >= max_new_tokens - 1 for c in counts)
+
+
+def bench_row(name: str, path: Path, out: Path, summary: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """One line of the table: accuracy with its interval, parse rate, replies cut, and the setting
+    (``out``: the evaluation's directory, whose predictions give the exact count correct)."""
+    from .artifacts import read_jsonl
+
+    n = summary["n"]
+    correct = sum(bool(r["correct"]) for r in read_jsonl(out / "predictions.jsonl"))
+    low_high = wilson(correct, n)
+    return {
+        "benchmark": _bench(name).name,
+        "path": str(path),
+        "n": n,
+        "correct": correct,
+        "accuracy": summary["accuracy"],
+        "ci95": [round(x, 4) for x in low_high] if low_high else None,
+        "parse_rate": summary["parse_rate"],
+        "cut_at_cap": summary.get("cut_at_cap"),
+        "setting": {
+            "mode": settings["mode"],
+            "shots": 0,
+            "language": settings["language"],
+            "engine": summary.get("engine"),
+            "max_new_tokens": settings["max_new_tokens"] if settings["mode"] == "generate" else None,
+            "temperature": settings["temperature"],
+        },
+    }
+
+
+def _cells(row: dict[str, Any]) -> list[str]:
+    s = row["setting"]
+    ci = "-" if row["ci95"] is None else f"{row['ci95'][0]:.1%}-{row['ci95'][1]:.1%}"
+    cut = "-" if row["cut_at_cap"] is None else f"{row['cut_at_cap']}/{row['n']}"
+    cap = f", cap {s['max_new_tokens']}" if s["max_new_tokens"] else ""
+    return [
+        row["benchmark"],
+        str(row["n"]),
+        "-" if row["accuracy"] is None else f"{row['accuracy']:.1%}",
+        ci,
+        "-" if row["parse_rate"] is None else f"{row['parse_rate']:.1%}",
+        cut,
+        f"{s['mode']}, {s['shots']}-shot, lang {s['language']}, {s['engine']}{cap}",
+    ]
+
+
+HEADER = ["benchmark", "n", "accuracy", "95% CI (Wilson)", "parsed", "cut at cap", "setting"]
+
+
+def write_table(rows: list[dict[str, Any]], model: str, out: Path) -> tuple[Path, Path]:
+    """``benchmarks.json`` and ``benchmarks.md`` in ``out``: the same numbers, for programs and people."""
+    from .artifacts import atomic_write_json, atomic_write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "benchmarks.json", {"model": model, "scoring": SCORING, "benchmarks": rows})
+    lines = [
+        f"# {model} on medical benchmarks",
+        "",
+        f"Scoring: {SCORING}. Prompting: zero-shot, the kit's own prompt (docs/benchmarks-eval.md).",
+        "",
+        "| " + " | ".join(HEADER) + " |",
+        "|" + "---|" * len(HEADER),
+        *("| " + " | ".join(_cells(r)) + " |" for r in rows),
+        "",
+    ]
+    atomic_write_text(out / "benchmarks.md", "\n".join(lines))
+    return out / "benchmarks.json", out / "benchmarks.md"
+
+
+def print_table(rows: list[dict[str, Any]], model: str, console: Any) -> None:
+    """The table on the console; cells fold rather than being cut, so a log keeps every number."""
+    from rich.table import Table
+
+    t = Table(title=f"{model} on medical benchmarks", title_justify="left")
+    for col in HEADER:
+        t.add_column(col, justify="left" if col in ("benchmark", "setting") else "right", overflow="fold")
+    for r in rows:
+        t.add_row(*_cells(r))
+    console.print(t)
+    console.print(f"scoring: {SCORING}", highlight=False, soft_wrap=True)

@@ -249,3 +249,59 @@ def test_bad_rows_are_skipped_or_fatal_with_strict(tmp_path: Path):
     assert len(res.records) == 1 and res.skipped[0].row == 2 and "expected 1..4" in res.skipped[0].reason
     with pytest.raises(UserError, match=r"train.json: row 2: cop: 5: expected 1..4"):
         load_benchmark("medmcqa", path, strict=True)
+
+
+def test_eval_bench_table_on_the_embedded_gguf(tmp_path: Path, capsys):
+    """Two benchmarks on the real llama.cpp engine: one table (JSON + Markdown) with the interval,
+    parse rate, replies cut at the cap and the setting; the same command again evaluates nothing."""
+    from medcritical.cli import main
+    from medcritical.default_model import default_gguf
+
+    medqa = _jsonl(
+        tmp_path / "US_test.jsonl",
+        [{"question": f"Which vitamin deficiency causes scurvy? ({i})", "options": {"A": "Vitamin C", "B": "Vitamin D",
+          "C": "Vitamin K", "D": "Iron"}, "answer_idx": "A", "meta_info": "step1"} for i in range(3)],
+    )  # fmt: skip
+    cmb = tmp_path / "cmb.json"
+    cmb.write_text(
+        json.dumps([{"exam_type": "医师考试", "exam_class": "执业医师", "exam_subject": "临床", "question": "坏血病缺乏",
+                     "answer": "A", "question_type": "单项选择题", "option": {"A": "维生素C", "B": "维生素D"}}],
+                   ensure_ascii=False),
+        encoding="utf-8",
+    )  # fmt: skip
+    benches = tmp_path / "benches.yaml"
+    benches.write_text("cmb: cmb.json\n", encoding="utf-8")
+    out = tmp_path / "ev"
+    args = ["eval", "--model", str(default_gguf()), "--bench", f"medqa={medqa}", "--benches", str(benches),
+            "--max-new-tokens", "4", "--output", str(out)]  # fmt: skip
+    assert main(args) == 0
+    table = json.loads((out / "benchmarks.json").read_text())
+    medqa_row, cmb_row = table["benchmarks"]
+    assert (medqa_row["benchmark"], medqa_row["n"], cmb_row["benchmark"], cmb_row["n"]) == ("medqa", 3, "cmb", 1)
+    low, high = medqa_row["ci95"]
+    assert 0 <= low <= medqa_row["accuracy"] <= high <= 1 and high - low > 0.3  # three questions: a wide interval
+    # Four new tokens cannot hold the kit's answer layout in English: those replies run to the cap. (The
+    # Chinese question may be answered "A." and stop, which is not a cut.)
+    assert medqa_row["cut_at_cap"] == 3 and cmb_row["cut_at_cap"] in (0, 1)
+    assert medqa_row["setting"] == {"mode": "generate", "shots": 0, "language": "auto", "engine": "llamacpp",
+                                    "max_new_tokens": 4, "temperature": 0.0}  # fmt: skip
+    md = (out / "benchmarks.md").read_text()
+    assert "| medqa | 3 |" in md and "generate, 0-shot, lang auto, llamacpp, cap 4" in md
+    printed = capsys.readouterr().out
+    assert "95% CI (Wilson)" in printed and "medqa" in printed and "exact match" in printed
+    before = (out / "medqa" / "predictions.jsonl").read_text()
+    assert main(args) == 0
+    assert (out / "medqa" / "predictions.jsonl").read_text() == before
+
+
+def test_wilson_interval_and_bench_option_errors(tmp_path: Path, capsys):
+    from medcritical.benchmarks import wilson
+    from medcritical.cli import main
+
+    low, high = wilson(50, 100)
+    assert round(low, 3) == 0.404 and round(high, 3) == 0.596
+    assert wilson(0, 10)[0] == 0.0 and wilson(0, 0) is None
+    assert main(["eval", "--bench", "medqa"]) == 1
+    assert "--bench 'medqa': expected NAME=PATH" in capsys.readouterr().err
+    assert main(["eval", "--bench", f"usmle={tmp_path}"]) == 1
+    assert "unknown benchmark 'usmle'" in capsys.readouterr().err
