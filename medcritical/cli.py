@@ -108,16 +108,14 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .artifacts import model_fingerprint, sha256_file
-    from .data import load_recipe_data, records_hash
-    from .engines import is_gguf, open_engine
+    from .data import load_recipe_data
+    from .engines import open_engine
     from .evaluate import eval_step, evaluate, print_summary
-    from .grading import GRADER_VERSION
-    from .prompts import prompt_wording
-    from .steps import library_versions
 
     recipe = _recipe(args)
     ev = recipe.eval
+    if args.bench or args.benches:
+        return _eval_benchmarks(args, recipe)
     if args.data:
         recipe.data.sources = [{"path": d, "format": args.format} for d in args.data]
     if args.strict:
@@ -129,33 +127,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UserError(f"eval: no questions in split {split!r}")
     model = args.model or recipe.model.name_or_path
     mode = args.mode or ev.mode
-    if is_gguf(model) or Path(model).is_file():
-        from .gguf.file import check_gguf
-
-        check_gguf(model)  # a missing, truncated or foreign file: one line, before anything is written
-    if is_gguf(model):
-        engine = {"libraries": library_versions("llama_cpp_python")}
-    else:  # as open_engine loads it; its resolved backend, dtype and libraries
-        from .training import stack
-
-        engine = stack(recipe.model.model_copy(update={"load_in_4bit": args.load_in_4bit}))
-    settings = {
-        "model": sha256_file(model) if is_gguf(model) else model_fingerprint(_resolved(model)),
-        "adapter": _adapter_hash(args.adapter),
-        "load_in_4bit": args.load_in_4bit,
-        "engine": engine,
-        "prompts": prompt_wording(records, recipe.language),
-        "grader": GRADER_VERSION,
-        "questions": records_hash(records),
-        "mode": mode,
-        "max_new_tokens": args.max_new_tokens or ev.max_new_tokens,
-        "temperature": ev.temperature if args.temperature is None else args.temperature,
-        "top_p": ev.top_p if args.top_p is None else args.top_p,
-        "batch_size": args.batch_size or ev.batch_size,
-        "n_ctx": ev.n_ctx,
-        "language": recipe.language,
-        "seed": recipe.seed,
-    }
+    settings = _eval_settings(args, recipe, model, records, mode)
     out = Path(args.output) if args.output else Path(recipe.output_dir) / "eval" / f"{Path(model).stem}-{split}-{mode}"
     step = eval_step(out, settings, label=f"eval {out}")
     if step.begin(err_console) == "complete":
@@ -180,6 +152,109 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print_summary(summary, title=f"{model} ({summary['engine']}, {mode}) on {split}", console=out_console)
     out_console.print(f"per-question results: {out / 'predictions.jsonl'}", highlight=False)
     return 0
+
+
+def _eval_benchmarks(args: argparse.Namespace, recipe: Any) -> int:
+    """``eval --bench NAME=PATH ...``: each benchmark an evaluation step of its own under one folder
+    (resumed or skipped like any other), the model loaded once, then one table of them all."""
+    from .artifacts import atomic_write_json, read_json
+    from .benchmarks import bench_row, benchmark_records, count_cut, parse_benches, print_table, write_table
+    from .data import records_hash
+    from .engines import open_engine
+    from .evaluate import eval_step, evaluate
+    from .prompts import prompt_wording
+
+    if args.data:
+        raise UserError("eval: --data and --bench/--benches exclude each other")
+    benches = parse_benches(args.bench or [], args.benches)
+    ev = recipe.eval
+    model = args.model or recipe.model.name_or_path
+    mode = args.mode or ev.mode
+    root = Path(args.output) if args.output else Path(recipe.output_dir) / "eval" / f"{Path(model).stem}-benchmarks"
+    loaded = [
+        (name, path, benchmark_records(name, path, args.strict, err_console)[: args.limit]) for name, path in benches
+    ]
+    engine, base, rows = None, None, []
+    try:
+        for name, path, records in loaded:
+            if base is None:
+                settings = base = _eval_settings(args, recipe, model, records, mode)
+            else:  # the model's fingerprint is the same for every benchmark: hashed once
+                settings = base | {
+                    "prompts": prompt_wording(records, recipe.language),
+                    "questions": records_hash(records),
+                }
+            out = root / name.lower()
+            step = eval_step(out, settings, label=f"eval {name}")
+            if step.begin(err_console) == "complete":
+                summary = read_json(out / "summary.json")
+            else:
+                if engine is None:
+                    with err_console.status(f"loading {model}..."):
+                        engine = open_engine(
+                            model, adapter=args.adapter, model_cfg=recipe.model, load_in_4bit=args.load_in_4bit,
+                            n_ctx=ev.n_ctx, seed=recipe.seed,
+                        )  # fmt: skip
+                summary = evaluate(
+                    records, engine, out, mode=mode, max_new_tokens=settings["max_new_tokens"],
+                    temperature=settings["temperature"], top_p=settings["top_p"], batch_size=settings["batch_size"],
+                    language=recipe.language, seed=recipe.seed, console=err_console, label=f"eval {name}",
+                )  # fmt: skip
+                summary["cut_at_cap"] = (
+                    count_cut(engine, out / "predictions.jsonl", settings["max_new_tokens"])
+                    if mode == "generate"
+                    else 0
+                )
+                atomic_write_json(out / "summary.json", summary)
+                step.done(summary, outputs=["predictions.jsonl"], model=str(model), benchmark=name, path=str(path))
+            rows.append(bench_row(name, path, out, summary, settings))
+    finally:
+        if engine is not None:
+            engine.close()
+    json_path, md_path = write_table(rows, str(model), root)
+    print_table(rows, str(model), out_console)
+    out_console.print(f"table: {md_path} and {json_path}; per-question results: {root}/<benchmark>/predictions.jsonl",
+                      highlight=False, soft_wrap=True)  # fmt: skip
+    return 0
+
+
+def _eval_settings(args: argparse.Namespace, recipe: Any, model: str, records: list, mode: str) -> dict[str, Any]:
+    """The key of one evaluation: model, engine and its libraries, prompts, grader, questions, generation."""
+    from .artifacts import model_fingerprint, sha256_file
+    from .data import records_hash
+    from .engines import is_gguf
+    from .grading import GRADER_VERSION
+    from .prompts import prompt_wording
+    from .steps import library_versions
+
+    ev = recipe.eval
+    if is_gguf(model) or Path(model).is_file():
+        from .gguf.file import check_gguf
+
+        check_gguf(model)  # a missing, truncated or foreign file: one line, before anything is written
+    if is_gguf(model):
+        engine = {"libraries": library_versions("llama_cpp_python")}
+    else:  # as open_engine loads it; its resolved backend, dtype and libraries
+        from .training import stack
+
+        engine = stack(recipe.model.model_copy(update={"load_in_4bit": args.load_in_4bit}))
+    return {
+        "model": sha256_file(model) if is_gguf(model) else model_fingerprint(_resolved(model)),
+        "adapter": _adapter_hash(args.adapter),
+        "load_in_4bit": args.load_in_4bit,
+        "engine": engine,
+        "prompts": prompt_wording(records, recipe.language),
+        "grader": GRADER_VERSION,
+        "questions": records_hash(records),
+        "mode": mode,
+        "max_new_tokens": args.max_new_tokens or ev.max_new_tokens,
+        "temperature": ev.temperature if args.temperature is None else args.temperature,
+        "top_p": ev.top_p if args.top_p is None else args.top_p,
+        "batch_size": args.batch_size or ev.batch_size,
+        "n_ctx": ev.n_ctx,
+        "language": recipe.language,
+        "seed": recipe.seed,
+    }
 
 
 def _resolved(model: str) -> str:
@@ -356,6 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int)
     s.add_argument("--load-in-4bit", action="store_true", help="load a transformers model in 4-bit NF4")
     s.add_argument("--strict", action="store_true", help="fail on the first bad data row instead of skipping it")
+    s.add_argument("--bench", action="append", metavar="NAME=PATH",
+                   help="a benchmark in its published files (repeatable): medqa, medmcqa, pubmedqa, mmlu, cmb, ceval, "
+                   "cmmlu, cmexam, medxpertqa; one table of all of them")  # fmt: skip
+    s.add_argument("--benches", metavar="YAML", help="a YAML file mapping benchmark names to paths, as --bench")
     s.set_defaults(func=cmd_eval)
 
     from .pipeline import STAGES

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
 
@@ -99,6 +99,18 @@ class TrainCfg(Section):
     save_steps: int = Field(50, gt=0)
     save_total_limit: int = Field(2, gt=0)
     optim: str = "adamw_torch"
+    # Where training metrics go besides metrics.jsonl: TensorBoard event files under the step's checkpoints
+    # directory (`tensorboard --logdir RUN`), or W&B only when named. Nothing networked by default.
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+
+    @field_validator("report_to")
+    @classmethod
+    def _installed(cls, v: str) -> str:
+        import importlib.util
+
+        if v != "none" and importlib.util.find_spec(v) is None:  # checked before any model loads
+            raise ValueError(f"{v} needs the {v} package: pip install {v}")
+        return v
 
 
 class SftCfg(Section):

@@ -114,7 +114,7 @@ def trainer_args(train: TrainCfg, out_dir: Path, seed: int, dtype: Any) -> dict[
         "bf16": on_gpu and dtype == torch.bfloat16,
         "fp16": on_gpu and dtype == torch.float16,
         "use_cpu": not on_gpu,
-        "report_to": "none",
+        "report_to": train.report_to,
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
     }

@@ -276,3 +276,24 @@ def test_changed_learning_rate_retrains_from_scratch(tiny_llama: Path, tmp_path:
 
     EVENTS.clear()
     assert run_sft(recipe(run, 0.001))["steps"] == 4 and [e["outcome"] for e in EVENTS] == ["skipped"]
+
+
+def test_sft_writes_tensorboard_events_when_the_recipe_asks(tiny_llama: Path, tmp_path: Path):
+    """``sft.train.report_to: tensorboard``: TRL's own reporting writes event files under the run
+    directory, offline, with the training loss in them (what `tensorboard --logdir RUN` shows)."""
+    pytest.importorskip("tensorboard")  # requirements-dev.txt pins it
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    write_templates(run, 4)
+    recipe = load_recipe(
+        None,
+        [f"output_dir={run}", f"model.name_or_path={tiny_llama}", "sft.train.max_steps=3", "sft.max_length=384",
+         "sft.train.report_to=tensorboard"],
+    )  # fmt: skip
+    run_sft(recipe)
+    events = list(run.rglob("events.out.tfevents.*"))
+    assert events and all(e.is_relative_to(run / "sft") for e in events)
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    assert len(acc.Scalars("train/loss")) == 3
