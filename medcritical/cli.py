@@ -285,7 +285,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import run_pipeline
 
-    return run_pipeline(args.recipe, args.overrides or [], start=args.start, only=args.only, console=err_console)
+    return run_pipeline(
+        args.recipe, args.overrides or [], start=args.start, only=args.only, console=err_console,
+        allow_cpu=args.allow_cpu,
+    )  # fmt: skip
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -364,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe(s)
     s.add_argument("--from", dest="start", choices=list(STAGES), help="start at this stage (earlier ones must be done)")
     s.add_argument("--only", choices=list(STAGES), help="run only this stage")
+    s.add_argument("--allow-cpu", action="store_true",
+                   help="run on the CPU even though nvidia-smi sees a GPU that torch, llama.cpp or vLLM cannot use")  # fmt: skip
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("plan", help="estimate GPU memory, RAM and disk per stage (loads no model); fits or not")
@@ -524,6 +529,13 @@ def _register_chat_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .gpu_check import refuse_windows
+
+    try:
+        refuse_windows()  # before anything imports fcntl or resource
+    except UserError as e:
+        print_error(e)
+        return 1
     offline_quiet()
     parser = build_parser()
     # Overrides may come after options too (`rounds R --round 1 seed=3`), which

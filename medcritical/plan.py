@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .gguf_file import GPU_RESERVE, nvidia_smi_mib
+from .gguf_file import GPU_RESERVE
 from .recipe import Recipe
 
 GIB = 2**30
@@ -472,18 +472,12 @@ def sized_for(recipe_path: str | Path | None) -> tuple[float | None, float | Non
 
 
 def detect_gpu() -> float | None:
-    """Total memory in bytes of the first CUDA GPU torch sees, or None. Read from nvidia-smi where it can be, so
-    that this process (the pipeline's parent) holds no CUDA context while the stages run."""
-    if not (Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia").exists()):
-        return None  # no NVIDIA driver: not worth importing torch
-    try:
-        import torch
-    except ImportError:
-        return None
-    if not torch.cuda.is_available():
-        return None
-    mib = nvidia_smi_mib("memory.total")
-    return mib * 2**20 if mib is not None else float(torch.cuda.get_device_properties(0).total_memory)
+    """Free memory in bytes of the first GPU the stages will see, from nvidia-smi (WSL2 too), or None. No CUDA
+    context is made: this process (the pipeline's parent) holds none while the stages run."""
+    from .gpu_check import card
+
+    here = card()
+    return None if here is None else here.free_mib * 2**20
 
 
 @dataclass
