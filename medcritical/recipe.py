@@ -99,6 +99,9 @@ class TrainCfg(Section):
     save_steps: int = Field(50, gt=0)
     save_total_limit: int = Field(2, gt=0)
     optim: str = "adamw_torch"
+    # TRL's fused path (DPO: the chunked log-probabilities, no (chosen+rejected) x length x vocab logits). On a CUDA
+    # GPU only: liger-kernel runs on triton (requirements-gpu.txt installs it).
+    use_liger_kernel: bool = False
 
 
 class SftCfg(Section):

@@ -111,6 +111,7 @@ def trainer_args(train: TrainCfg, out_dir: Path, seed: int, dtype: Any) -> dict[
         "data_seed": seed,
         "bf16": on_gpu and dtype == torch.bfloat16,
         "fp16": on_gpu and dtype == torch.float16,
+        "use_liger_kernel": on_gpu and train.use_liger_kernel,
         "use_cpu": not on_gpu,
         "report_to": "none",
         "disable_tqdm": True,
