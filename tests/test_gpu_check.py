@@ -166,3 +166,18 @@ def test_native_windows_is_one_line_before_any_posix_import(capsys, monkeypatch)
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)},
                          capture_output=True, text=True)  # fmt: skip
     assert out.stdout.strip() == "imported", out.stderr[-2000:]
+
+
+def test_setup_gpu_stops_in_one_line_naming_the_driver_or_nvcc(tmp_path: Path):
+    """setup.sh --gpu's checks, before anything installs: a driver too old for any torch 2.13 build, and no nvcc."""
+    exe = fake_smi(tmp_path / "bin", driver="470.82.01", cuda="11.4")
+    env = {**os.environ, "PATH": f"{exe.parent}{os.pathsep}/usr/bin{os.pathsep}/bin", "PYTHON": sys.executable,
+           "MEDCRITICAL_VENV": str(tmp_path / "venv"), "MEDCRITICAL_CUDA_HOMES": str(tmp_path / "no-cuda")}  # fmt: skip
+    out = subprocess.run(["bash", str(ROOT / "setup.sh"), "--gpu"], env=env, capture_output=True, text=True)
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "driver CUDA 11.4 is too old" in out.stderr and "580" in out.stderr
+    fake_smi(tmp_path / "bin", driver="550.54.15", cuda="12.4")
+    out = subprocess.run(["bash", str(ROOT / "setup.sh"), "--gpu"], env=env, capture_output=True, text=True)
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "no nvcc" in out.stderr and "download.pytorch.org/whl/cu126" in out.stdout
+    assert not (tmp_path / "venv").exists()  # stopped before installing anything
