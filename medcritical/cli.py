@@ -360,19 +360,42 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import run_pipeline
 
-    return run_pipeline(args.recipe, args.overrides or [], start=args.start, only=args.only, console=err_console)
+    return run_pipeline(
+        args.recipe, args.overrides or [], start=args.start, only=args.only, console=err_console,
+        allow_cpu=args.allow_cpu,
+    )  # fmt: skip
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     import json
 
-    from .plan import make_plan, render
+    from .plan import CARDS, custom_card, data_size, engine_of, hours, make_plan, render, render_hours, total_hours
 
-    plan = make_plan(_recipe(args), args.recipe, gpu_gb=args.gpu_gb, ram_gb=args.ram_gb, disk_gb=args.disk_gb)
+    if args.tflops is not None and args.gpu_gb is None:
+        raise UserError("plan: --tflops needs --gpu-gb N (the card's memory)")
+    card = CARDS[args.gpu] if args.gpu else custom_card(args.gpu_gb, args.tflops) if args.tflops else None
+    recipe = _recipe(args)
+    plan = make_plan(recipe, args.recipe, gpu_gb=args.gpu_gb or (card.gb if card else None), ram_gb=args.ram_gb,
+                     disk_gb=args.disk_gb)  # fmt: skip
+    rows, size = None, None
+    if card:
+        size = data_size(recipe)
+        if size is None:
+            raise UserError(f"{args.recipe}: plan --gpu: the data is not here; set data.sources[].limit to plan hours")
+        rows = hours(recipe, plan.arch, card, engine_of(recipe, plan.device), size)
     if args.json:
-        sys.stdout.write(json.dumps(plan.to_json(), indent=2) + "\n")
+        out = plan.to_json()
+        if rows:
+            out["hours"] = {"card": card.name, "train_questions": size[0], "dev_questions": size[1],
+                            "total": round(total_hours(rows), 2), "stages": [
+                                {"stage": h.stage, "tokens": round(h.tokens), "what": h.what, "tokens_per_s":
+                                 round(h.rate, 1), "hours": None if h.hours is None else round(h.hours, 2),
+                                 "source": h.note} for h in rows]}  # fmt: skip
+        sys.stdout.write(json.dumps(out, indent=2) + "\n")
     else:
         render(plan, out_console)
+        if rows:
+            render_hours(rows, card, size, out_console)
     return 0
 
 
@@ -443,6 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe(s)
     s.add_argument("--from", dest="start", choices=list(STAGES), help="start at this stage (earlier ones must be done)")
     s.add_argument("--only", choices=list(STAGES), help="run only this stage")
+    s.add_argument("--allow-cpu", action="store_true",
+                   help="run on the CPU even though nvidia-smi sees a GPU that torch, llama.cpp or vLLM cannot use")  # fmt: skip
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("plan", help="estimate GPU memory, RAM and disk per stage (loads no model); fits or not")
@@ -450,6 +475,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, what in (("gpu", "GPU memory (default: the recipe's 'Sized for' line, else the GPU here)"),
                        ("ram", "RAM"), ("disk", "free disk")):  # fmt: skip
         s.add_argument(f"--{name}-gb", type=float, metavar="N", help=f"{what}, in GiB")
+    s.add_argument(
+        "--gpu",
+        choices=["rtx3060", "rtx4090", "a100", "h100"],
+        help="also plan hours per stage on this card (and its memory, unless --gpu-gb)",
+    )
+    s.add_argument("--tflops", type=float, metavar="N", help="with --gpu-gb: hours on a card of N 16-bit TFLOPS")
     s.add_argument("--json", action="store_true", help="print the plan as JSON, every term with its reason")
     s.set_defaults(func=cmd_plan)
 
@@ -603,6 +634,13 @@ def _register_chat_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .gpu_check import refuse_windows
+
+    try:
+        refuse_windows()  # before anything imports fcntl or resource
+    except UserError as e:
+        print_error(e)
+        return 1
     offline_quiet()
     parser = build_parser()
     # Overrides may come after options too (`rounds R --round 1 seed=3`), which

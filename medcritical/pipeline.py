@@ -112,12 +112,17 @@ def run_pipeline(
     start: str | None = None,
     only: str | None = None,
     console: Console | None = None,
+    allow_cpu: bool = False,
 ) -> int:
-    """Run the selected stages; write the run manifest and report. Returns an exit code."""
+    """Run the selected stages; write the run manifest and report. Returns an exit code.
+
+    ``allow_cpu``: go on when nvidia-smi sees a GPU that the installed torch, llama.cpp or vLLM cannot use
+    (else refused in one line, :func:`medcritical.gpu_check.preflight`)."""
     import yaml
 
     from .artifacts import atomic_write_text
     from .data import load_recipe_data, records_hash
+    from .gpu_check import preflight
     from .plan import refuse_if_too_big
     from .report import print_final, write_run_report
     from .steps import run_lock
@@ -125,7 +130,9 @@ def run_pipeline(
     console = console or Console(stderr=True)
     stages = select_stages(start, only)
     recipe = load_recipe(recipe_path, list(overrides))
-    refuse_if_too_big(recipe, recipe_path, stages)  # on a CUDA GPU: a stage that would not fit fails now, in one line
+    preflight(recipe, recipe_path, stages, allow_cpu=allow_cpu)  # a GPU here that the stack cannot use: refused
+    if not allow_cpu:
+        refuse_if_too_big(recipe, recipe_path, stages)  # on a CUDA GPU: a stage that would not fit fails now
     run_dir = RunDir.of(recipe)
     train = load_recipe_data(recipe.data, split="train", console=console)
     dev = load_recipe_data(recipe.data, split=recipe.eval.split)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .gguf.file import GPU_RESERVE, nvidia_smi_mib
+from .gguf.file import GPU_RESERVE
 from .recipe import Recipe
 
 GIB = 2**30
@@ -38,7 +38,16 @@ SFT_CHUNK, SFT_CHUNK_COPIES = 256, 4
 # tokens; 2 copies under-planned DPO by 12-16%.
 DPO_LOGIT_COPIES = {"cpu": 3, "cuda": 3}
 PROMPT_TOKENS = 512  # an exam question with its options and the system prompt, chat-templated (an assumption)
-CUDA_CONTEXT = 0.5 * GIB  # CUDA context, cuBLAS workspace, kernels: taken before torch allocates a tensor
+# CUDA context, cuBLAS workspace, kernels: taken before torch allocates a tensor. Measured 1.35 GiB on an H200
+# (bench/measured/gpu_memory_12gb.json, context_mb); a desktop card's is not measured, and planned the same.
+CUDA_CONTEXT = 1.35 * GIB
+# TRL's chunked DPO log-probabilities (use_liger_kernel): 2048 tokens x 8192 vocabulary entries at a time
+# (trl.trainer.utils._CHUNKED_LOGPROB_TOKEN_CHUNK_SIZE, dpo_trainer._CHUNKED_LOGPROB_CHUNK_SIZE): the 16-bit matmul,
+# its fp32 copy, exp and the exp x logit product; the backward recomputes one chunk the same way.
+DPO_CHUNK, DPO_VOCAB_CHUNK, DPO_CHUNK_BYTES = 2048, 8192, 2 * (2 + 4 + 4 + 4)
+# llama.cpp's compute buffer on the GPU: one micro-batch (512 tokens) of the graph's largest activations: the
+# logits (vocab), the MLP's gate and up (2 x intermediate) and a few hidden-sized tensors, in fp32.
+LLAMA_UBATCH = 512
 ALLOCATOR_SLACK = 0.10  # torch's caching allocator keeps freed blocks: reserved exceeds allocated by about this share
 CPU_LIBS = 0.65 * GIB  # RSS of python + torch, transformers, trl, peft, bitsandbytes after import (measured 0.62-0.66)
 CPU_RUNTIME = 0.1 * GIB  # a CPU training process's own: tokenizer, tokenized data, trainer (measured 0.06-0.1)
@@ -278,7 +287,11 @@ def training(stage: Stage, arch: Arch, dev: Device, recipe: Recipe, train, batch
         stage.add("activations (one layer recomputed)", mem, per_layer, f"{batch} x {length} tokens")
     else:
         stage.add("activations", mem, arch.layers * per_layer, f"{batch} x {length} tokens, all layers")
-    if ref:
+    if ref and dev.kind == "cuda" and train.use_liger_kernel:
+        stage.add("logits (chunked log-probabilities)", mem,
+                  min(tokens, DPO_CHUNK) * min(arch.vocab, DPO_VOCAB_CHUNK) * DPO_CHUNK_BYTES,
+                  f"use_liger_kernel: {DPO_CHUNK} tokens x {DPO_VOCAB_CHUNK} vocabulary entries at a time")  # fmt: skip
+    elif ref:
         logit_bytes = 4 if dev.kind == "cpu" else dev.compute
         stage.add("logits", mem, DPO_LOGIT_COPIES[dev.kind] * tokens * arch.vocab * logit_bytes,
                   f"{DPO_LOGIT_COPIES[dev.kind]} copies of (chosen+rejected) x length x vocab")  # fmt: skip
@@ -311,8 +324,10 @@ def overheads(stage: Stage, dev: Device) -> None:
 
 def engine_of(recipe: Recipe, dev: Device) -> str:
     engine = recipe.rounds.rollouts.engine
-    if engine == "auto":  # what medcritical.policy.engine_kind picks on that device
-        return "vllm" if dev.kind == "cuda" else "llamacpp"
+    if engine == "auto":  # what medcritical.policy.engine_kind picks on that device: vLLM only where it is set up
+        from .serving.vllm import vllm_available
+
+        return ("vllm" if vllm_available() else "transformers") if dev.kind == "cuda" else "llamacpp"
     return engine
 
 
@@ -347,7 +362,7 @@ def generation(stage: Stage, arch: Arch, dev: Device, recipe: Recipe, engine: st
         # A GGUF of the policy on llama.cpp: an f16 KV stream per sequence decoded together (rounded up to 256
         # tokens), the one-sequence context at eval.n_ctx, and the logits buffer. On a CUDA machine llama.cpp is
         # built for CUDA (setup.sh --gpu) and takes as many layers as fit with room to spare
-        # (medcritical.gguf_file.gpu_layers); the rest, or all of it without a GPU, stays in RAM.
+        # (medcritical.gguf.file.gpu_layers); the rest, or all of it without a GPU, stays in RAM.
         procs = srv.parallel if engine == "llamacpp-server" else 1
         per_seq = -(-min(seq_len, recipe.eval.n_ctx) // 256) * 256
         file = procs * gguf_bytes(arch, quant)
@@ -367,7 +382,9 @@ def generation(stage: Stage, arch: Arch, dev: Device, recipe: Recipe, engine: st
             if room < file:
                 stage.add(f"{quant} GGUF, layers left on the CPU", "ram", file - room, "memory-mapped")
             stage.add("KV cache (f16)", "gpu" if room == file else "ram", kv, kv_why)
-            stage.add("CUDA context", "gpu", procs * CUDA_CONTEXT, "llama.cpp's, with its compute buffers")
+            stage.add("compute buffer", "gpu", procs * LLAMA_UBATCH * (arch.vocab + 2 * arch.intermediate
+                      + 4 * arch.hidden) * 4, f"llama.cpp's: a {LLAMA_UBATCH}-token micro-batch, fp32")  # fmt: skip
+            stage.add("CUDA context", "gpu", procs * CUDA_CONTEXT, "llama.cpp's (planned as torch's, measured)")
         stage.add("logits buffer", "ram", procs * max(512, seqs) * arch.vocab * 4, "llama.cpp's output buffer")
         stage.add("libraries", "ram", CPU_LIBS, "python, llama.cpp")
     elif engine == "transformers":
@@ -420,7 +437,7 @@ def stages(recipe: Recipe, arch: Arch, dev: Device, gpu: float | None) -> list[S
             roll.note = roll.note or "each policy is merged first (see merge)"
         out += [dpo, roll]
     merge = Stage("merge", "export")
-    # export.merge.compute_dtype: the merge runs in the base's stored dtype when it is 16-bit, else in fp32.
+    # medcritical.gguf.merge.compute_dtype: the merge runs in the base's stored dtype when it is 16-bit, else in fp32.
     # dequantized4bit loads NF4 on the GPU and dequantizes it there first. The merged weights are saved 16-bit.
     stored = 2 if arch.dtype in ("bfloat16", "float16") else 4
     name = "16-bit" if stored == 2 else "fp32"
@@ -471,19 +488,22 @@ def sized_for(recipe_path: str | Path | None) -> tuple[float | None, float | Non
     return (float(gpu.group(1)) if gpu else None), (float(ram.group(1)) if ram else None)
 
 
+def holders() -> str:
+    """Other processes holding memory on the GPU here, for a person to read ("" when none)."""
+    from .gpu_check import card, others
+
+    here = card()
+    rows = others(here) if here else []
+    return ("held by " + ", ".join(f"pid {p} {n} ({m / 1024:.1f} GiB)" for p, n, m in rows)) if rows else ""
+
+
 def detect_gpu() -> float | None:
-    """Total memory in bytes of the first CUDA GPU torch sees, or None. Read from nvidia-smi where it can be, so
-    that this process (the pipeline's parent) holds no CUDA context while the stages run."""
-    if not (Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia").exists()):
-        return None  # no NVIDIA driver: not worth importing torch
-    try:
-        import torch
-    except ImportError:
-        return None
-    if not torch.cuda.is_available():
-        return None
-    mib = nvidia_smi_mib("memory.total")
-    return mib * 2**20 if mib is not None else float(torch.cuda.get_device_properties(0).total_memory)
+    """Free memory in bytes of the first GPU the stages will see, from nvidia-smi (WSL2 too), or None. No CUDA
+    context is made: this process (the pipeline's parent) holds none while the stages run."""
+    from .gpu_check import card
+
+    here = card()
+    return None if here is None else here.free_mib * 2**20
 
 
 @dataclass
@@ -570,6 +590,7 @@ def make_plan(recipe: Recipe, recipe_path: str | Path | None = None, *, gpu_gb: 
     arch = Arch.of(cfg, config)
     head_gpu, head_ram = sized_for(recipe_path)
     here = detect_gpu() if detect else None
+    held = holders() if here else ""
     gpu, source = next(((g * GIB, why) for g, why in ((gpu_gb, "--gpu-gb"), (head_gpu, "the recipe's 'Sized for' line"))
                         if g), (here, "the GPU here"))  # fmt: skip
     ram = ram_gb * GIB if ram_gb else (head_ram * GIB if head_ram else None)
@@ -601,6 +622,8 @@ def make_plan(recipe: Recipe, recipe_path: str | Path | None = None, *, gpu_gb: 
         f"{'; plan another with model.backend=...' if cuda else ''}); compute {'fp32' if compute == 4 else '16-bit'}",
         f"rollouts on {engine_of(recipe, dev)}; prompts of {PROMPT_TOKENS} tokens assumed",
     ]
+    if held and source == "the GPU here":
+        assumptions.append(f"the GPU here: its free memory; {held}")
     return Plan(m.name_or_path, config, arch, dev, gpu, ram, disk_gb * GIB if disk_gb else None,
                 stages(recipe, arch, dev, gpu), assumptions)  # fmt: skip
 
@@ -649,11 +672,160 @@ def refuse_if_too_big(recipe: Recipe, recipe_path: str | Path, steps: list[str])
         plan = make_plan(recipe, None, gpu_gb=total / GIB)
     except UserError:
         return  # no config.json: the stage that loads the model says so
+    held = holders()
     for s in plan.stages:
         if s.step in steps and "gpu" in plan.over(s):
             big = s.largest("gpu")
             raise UserError(
                 f"{recipe_path}: {s.name} needs about {s.total('gpu') / GIB:.1f} GiB of GPU memory, more than the "
-                f"{(s.limit or total) / GIB:.1f} it can have here (largest term: {big.name} {big.bytes / GIB:.1f} "
-                f"GiB); see `medcritical plan {recipe_path}`"
+                f"{(s.limit or total) / GIB:.1f} free for it here (largest term: {big.name} {big.bytes / GIB:.1f} "
+                f"GiB); see `medcritical plan {recipe_path}`" + (f"; the GPU is also {held}" if held else "")
             )
+
+
+# ---- hours ---------------------------------------------------------------------------------------
+# Hours per stage on a named card: the tokens each stage trains on or generates, from the recipe, over a throughput
+# for that card. Each throughput is a figure measured here or a published benchmark, scaled to the card by its peak
+# 16-bit tensor TFLOPS (training, batched decoding) or its memory bandwidth (decoding).
+
+
+@dataclass(frozen=True)
+class Card:
+    name: str
+    gb: float  # GiB of memory
+    tflops: float  # dense FP16/BF16 tensor TFLOPS with FP32 accumulate
+    bandwidth: float  # GB/s
+    source: str
+
+
+CARDS = {
+    "rtx3060": Card("RTX 3060 12GB", 12, 25.4, 360, "NVIDIA RTX 3060 specifications (GeForce Ampere: FP16 tensor with "
+                    "FP32 accumulate at 2x its 12.7 FP32 TFLOPS)"),
+    "rtx4090": Card("RTX 4090", 24, 165.2, 1008, "NVIDIA Ada Lovelace architecture whitepaper"),
+    "a100": Card("A100 80GB SXM", 80, 312, 2039, "NVIDIA A100 datasheet"),
+    "h100": Card("H100 SXM", 80, 989, 3350, "NVIDIA H100 datasheet"),
+}  # fmt: skip
+H200_TFLOPS = 989  # NVIDIA H200 datasheet (dense BF16), the card of the measurement below
+# QLoRA SFT of a 7.6B student, 2048 tokens, gradient checkpointing, transformers backend: 2938 tokens/s on an H200.
+SFT_TOKENS_PER_S = (2938.4, "measured here: bench/measured/gpu_memory_12gb.json (H200, transformers backend)")
+# DPO per token: the policy's forward, the recomputed forward and the backward (6 FLOPs per parameter, as SFT),
+# plus the reference forward (2): SFT's rate x 6/8.
+DPO_SHARE = 6 / 8
+# llama.cpp decoding reads every weight once per step: llama 7B Q8_0 (7.16 GB) at 98.1 tokens/s on an RTX 4090
+# (1008 GB/s) is 70% of its bandwidth used.
+LLAMA_BW_SHARE = (98.13 * 7.16 / 1008, "llama.cpp PR #4766 (RTX 4090, llama 7B Q8_0, tg128 98.1 t/s)")
+# Many sequences at once are compute-bound past some batch: 1892 tokens/s for 16 tokens a batch on an RTX 4090.
+LLAMA_BATCH_CAP = (1891.88, "llama.cpp PR #15131 (RTX 4090, llama 8B Q4_0, 16-token batches, 1892 t/s)")
+# vLLM, a 7B in bf16 on an RTX 4090: 1190 output tokens/s at 48 concurrent requests (256 in, 128 out).
+VLLM_TOKENS_PER_S = (1190, "published benchmark: Mistral-7B on vLLM, RTX 4090, concurrency 48 (mushfiqrahman.dev)")
+# Assumptions, not measured: a generation stops at its answer, on average at half of max_new_tokens, and an SFT or
+# DPO example fills half of max_length; the student is wrong on 40% of its rollouts (each gets corrections).
+FILL, WRONG = 0.5, 0.4
+EXPORT_HOURS = 0.3  # merge, convert, quantize: streamed from disk (assumed, not measured)
+
+
+def custom_card(gb: float, tflops: float) -> Card:
+    # Bandwidth unknown: a card of the RTX 4090's balance (GB/s per TFLOPS).
+    return Card(f"{gb:g} GB, {tflops:g} TFLOPS", gb, tflops, tflops * 1008 / 165.2, "--gpu-gb/--tflops (bandwidth "
+                "scaled from the RTX 4090's ratio)")  # fmt: skip
+
+
+@dataclass
+class Hours:
+    stage: str
+    tokens: float  # trained on or generated
+    what: str  # "trained" or "generated"
+    rate: float  # tokens/s
+    hours: float | None  # None: not planned here (the teacher's server)
+    note: str
+
+
+def decode_rate(card: Card, arch: Arch, engine: str, streams: int, context: int) -> tuple[float, str]:
+    """Tokens/s of ``streams`` sequences decoded together, at ``context`` tokens of KV cache each."""
+    if engine == "vllm":
+        return VLLM_TOKENS_PER_S[0] * card.bandwidth / 1008, VLLM_TOKENS_PER_S[1] + ", scaled by bandwidth"
+    # llama.cpp on a q8_0 GGUF: a step reads the weights and each stream's KV cache.
+    step = (gguf_bytes(arch, "q8_0") + streams * context * arch.kv_bytes(2)) / (
+        card.bandwidth * 1e9 * LLAMA_BW_SHARE[0]
+    )
+    cap = LLAMA_BATCH_CAP[0] * card.tflops / 165.2
+    rate = min(streams / step, cap)
+    why = f"{LLAMA_BW_SHARE[1]}, {streams} streams" + (f"; capped by {LLAMA_BATCH_CAP[1]}" if rate == cap else "")
+    return rate, why
+
+
+def data_size(recipe: Recipe) -> tuple[int, int] | None:
+    """(train, dev) questions: counted in the data when it is here, else from every source's ``limit``."""
+    from .data import load_recipe_data
+
+    try:
+        return len(load_recipe_data(recipe.data, split="train")), len(load_recipe_data(recipe.data, split="dev"))
+    except (UserError, OSError):
+        pass
+    if not all(s.limit for s in recipe.data.sources):
+        return None
+    n = sum(s.limit for s in recipe.data.sources)
+    return round(n * (1 - recipe.data.dev - recipe.data.test)), round(n * recipe.data.dev)
+
+
+def hours(recipe: Recipe, arch: Arch, card: Card, engine: str, size: tuple[int, int]) -> list[Hours]:
+    train_n, dev_n = size
+    train_rate = SFT_TOKENS_PER_S[0] * card.tflops / H200_TFLOPS
+    train_why = f"{SFT_TOKENS_PER_S[1]}, scaled by TFLOPS ({card.source})"
+    t, r, ev = recipe.teach, recipe.rounds, recipe.eval
+    out = []
+    if t.backend != "dataset":
+        gen = train_n * t.samples * t.max_tokens * FILL
+        out.append(Hours("teach", gen, "generated", 0, None, f"by the teacher ({t.model}), on its own server: not "
+                         f"planned here; up to {t.samples} attempts per question"))  # fmt: skip
+    sft = train_n * recipe.sft.max_length * FILL * recipe.sft.train.num_train_epochs
+    out.append(Hours("sft", sft, "trained", train_rate, sft / train_rate / 3600, train_why))
+    q = min(r.rollouts.questions or train_n, train_n)
+    if r.num_rounds:
+        prompt = PROMPT_TOKENS
+        roll = q * r.rollouts.k * r.rollouts.max_new_tokens * FILL
+        streams = r.rollouts.batch_size if engine != "vllm" else r.rollouts.server.concurrency
+        rate, why = decode_rate(card, arch, engine, streams, int(prompt + r.rollouts.max_new_tokens * FILL))
+        out.append(Hours(f"rollouts x{r.num_rounds} ({engine})", r.num_rounds * roll, "generated", rate,
+                         r.num_rounds * roll / rate / 3600, why))  # fmt: skip
+        corr = q * r.rollouts.k * WRONG * r.correction.attempts * r.correction.max_new_tokens * FILL
+        ctx = int(prompt + (r.rollouts.max_new_tokens + r.correction.max_new_tokens) * FILL)
+        rate, why = decode_rate(card, arch, engine, streams, ctx)
+        out.append(Hours(f"corrections x{r.num_rounds}", r.num_rounds * corr, "generated", rate,
+                         r.num_rounds * corr / rate / 3600, f"{WRONG:.0%} of rollouts wrong (assumed); {why}"))  # fmt: skip
+        dpo = q * r.pairs.max_per_question * 2 * r.pairs.max_length * FILL * r.dpo.train.num_train_epochs
+        rate = train_rate * DPO_SHARE
+        out.append(Hours(f"dpo x{r.num_rounds}", r.num_rounds * dpo, "trained", rate, r.num_rounds * dpo / rate / 3600,
+                         f"up to {r.pairs.max_per_question} pairs per question; SFT's rate x 6/8 (+ reference pass)"))  # fmt: skip
+        gen = r.num_rounds * dev_n * ev.max_new_tokens * FILL
+        rate, why = decode_rate(card, arch, "llamacpp", ev.batch_size, int(prompt + ev.max_new_tokens * FILL))
+        out.append(Hours(f"round evals x{r.num_rounds}", gen, "generated", rate, gen / rate / 3600, why))
+    exp = recipe.export
+    gen = exp.parity_questions * ev.max_new_tokens * FILL * (1 + len(exp.quants))
+    rate, why = decode_rate(card, arch, "llamacpp", 1, int(PROMPT_TOKENS + ev.max_new_tokens * FILL))
+    out.append(Hours("export", gen, "generated", rate, EXPORT_HOURS + gen / rate / 3600,
+                     f"parity answers; merge, convert, quantize {EXPORT_HOURS} h (assumed)"))  # fmt: skip
+    gen = dev_n * ev.max_new_tokens * FILL * (1 + len(exp.quants))
+    rate, why = decode_rate(card, arch, "llamacpp", ev.batch_size, int(PROMPT_TOKENS + ev.max_new_tokens * FILL))
+    out.append(Hours("eval", gen, "generated", rate, gen / rate / 3600, f"the base and each quant on dev; {why}"))
+    return out
+
+
+def total_hours(rows: list[Hours]) -> float:
+    return sum(h.hours for h in rows if h.hours is not None)
+
+
+def render_hours(rows: list[Hours], card: Card, size: tuple[int, int], console: Any) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"hours on one {card.name} ({size[0]:,} train / {size[1]:,} dev questions)", title_justify="left")
+    for col in ("stage", "tokens", "tokens/s", "hours"):
+        t.add_column(col, justify="left" if col == "stage" else "right", no_wrap=True)
+    t.add_column("source", ratio=1, overflow="fold")
+    for h in rows:
+        t.add_row(h.stage, f"{h.tokens / 1e6:.1f}M {h.what}", f"{h.rate:,.0f}" if h.rate else "-",
+                  f"{h.hours:.1f}" if h.hours is not None else "apart", h.note)  # fmt: skip
+    console.print(t)
+    apart = " (the teacher apart)" if any(h.hours is None for h in rows) else ""
+    console.print(f"total: {total_hours(rows):.1f} h{apart}; assumed: generations stop at {FILL:.0%} of "
+                  f"max_new_tokens, examples fill {FILL:.0%} of max_length", highlight=False)  # fmt: skip

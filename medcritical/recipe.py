@@ -112,6 +112,10 @@ class TrainCfg(Section):
             raise ValueError(f"{v} needs the {v} package: pip install {v}")
         return v
 
+    # TRL's fused path (DPO: the chunked log-probabilities, no (chosen+rejected) x length x vocab logits). On a CUDA
+    # GPU only: liger-kernel runs on triton (requirements-gpu.txt installs it).
+    use_liger_kernel: bool = False
+
 
 class SftCfg(Section):
     lora: LoraCfg = Field(default_factory=LoraCfg)

@@ -24,7 +24,6 @@ Every ``begin`` is logged in :data:`EVENTS`; the pipeline reports them per stage
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import shutil
@@ -345,6 +344,8 @@ def run_lock(run_dir: Path, what: str) -> Iterator[None]:
         # first barrier before writing anything (`training.main_process_begin`).
         yield
         return
+    import fcntl  # POSIX only: imported here so that importing this module never fails
+
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:

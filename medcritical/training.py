@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -113,6 +112,7 @@ def trainer_args(train: TrainCfg, out_dir: Path, seed: int, dtype: Any) -> dict[
         "data_seed": seed,
         "bf16": on_gpu and dtype == torch.bfloat16,
         "fp16": on_gpu and dtype == torch.float16,
+        "use_liger_kernel": on_gpu and train.use_liger_kernel,
         "use_cpu": not on_gpu,
         "report_to": train.report_to,
         "disable_tqdm": True,
@@ -248,6 +248,8 @@ def peak_memory_mb() -> float:
 
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
+    import resource  # POSIX only: imported here so that importing this module never fails
+
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024
 
