@@ -186,7 +186,9 @@ def run(
                    "selected_round": selected["round"]},
         )  # fmt: skip
     ggufs = {
-        q: {"file": p.name, "sha256": sha256_file(p), "size_bytes": p.stat().st_size} | _parity(report, q)
+        q: {"file": p.name, "sha256": sha256_file(p), "size_bytes": p.stat().st_size}
+        | {"source": str(build.files[q]), "source_sha256": build.hashes[q]}  # what was stamped: the eval reuses
+        | _parity(report, q)  # an evaluation of those very bytes
         for q, p in files.items()
     }
     metrics = {

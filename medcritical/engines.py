@@ -408,11 +408,23 @@ class LlamaCppEngine:
                 raise UserError(f"{self.gguf}: llama_decode failed ({rc}) on {len(seqs)} sequences")
 
         try:
-            # Prompts: each evaluated once, on its first sample's sequence, in batches of up to 512 tokens.
+            # What every prompt starts with (the system prompt and instructions: often half of each prompt) is
+            # evaluated once, on the first sequence, and its KV copied to each prompt's first sequence.
+            shared = _common_prefix(prompts) if len(prompts) > 1 else 0
+            if shared >= 16:
+                for start in range(0, shared, 512):
+                    decode([(prompts[0][k], k, 0, False) for k in range(start, min(start + 512, shared))])
+                for i in range(1, len(prompts)):
+                    llama_cpp.llama_memory_seq_cp(mem, 0, i * streams, -1, -1)
+            else:
+                shared = 0
+            # Prompts: the rest of each evaluated once, on its first sample's sequence, in batches of up to 512
+            # tokens.
             rows: list[tuple[int, int, int, bool]] = []
             ends: list[tuple[int, int]] = []  # (prompt, batch row of its last token)
             for i, p in enumerate(prompts):
-                for pos, tok in enumerate(p):
+                for pos in range(shared, len(p)):
+                    tok = p[pos]
                     last = pos == len(p) - 1
                     if last:
                         ends.append((i, len(rows)))
@@ -514,6 +526,17 @@ class LlamaCppEngine:
                         scores[x] = float(logits[t]) - lse
             results.append(scores)
         return results
+
+
+def _common_prefix(prompts: Sequence[Sequence[int]]) -> int:
+    """Tokens all ``prompts`` start with, leaving each at least its last token of its own (its logits)."""
+    n = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    for k in range(max(n, 0)):
+        t = first[k]
+        if any(p[k] != t for p in prompts):
+            return k
+    return max(n, 0)
 
 
 def sample_replies(

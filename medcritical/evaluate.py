@@ -25,7 +25,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .artifacts import JsonlLog, atomic_write_json, model_fingerprint, read_json
+from .artifacts import JsonlLog, atomic_write_json, model_fingerprint, read_json, sha256_file
 from .data import MCQ, eval_records, records_hash
 from .engines import Engine
 from .errors import UserError
@@ -272,7 +272,7 @@ def eval_policy(
     Returns ``summary.json``'s content (accuracy, parse_rate, engine, ...). ``check``: evaluate
     nothing; the step must be complete for these inputs (UserError otherwise).
     """
-    from .artifacts import sha256_file, sha256_tree
+    from .artifacts import sha256_tree
     from .policy import open_policy
 
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
@@ -354,6 +354,8 @@ def run(recipe: Any, run_dir: Any, console: Console, check: bool = False) -> dic
         if q not in ggufs:
             raise UserError(f"{run_dir.export}: has no {q} GGUF (made for other settings); run the export stage")
         info = ggufs[q]
+        if not check:
+            _reuse_policy_eval(recipe, run_dir, q, info, m["metrics"], console)
         res = eval_policy(
             recipe, None, run_dir.quant_eval(q), console, gguf=run_dir.export / info["file"],
             gguf_hash=info["sha256"], stale_root=run_dir.stale, label=q, check=check,
@@ -367,6 +369,40 @@ def run(recipe: Any, run_dir: Any, console: Console, check: bool = False) -> dic
     if not check:
         atomic_write_json(run_dir.eval / "summary.json", summary)
     return summary
+
+
+def _reuse_policy_eval(
+    recipe: Any, run_dir: Any, quant: str, info: dict[str, Any], export: dict[str, Any], console: Console
+) -> None:
+    """Evaluate an exported quant once: when the rounds already evaluated the very file it was stamped from
+    (the selected policy's q8_0 on llama.cpp, same questions and settings), copy that evaluation into the
+    quant's step instead of generating it again. Stamping adds metadata only; the tensors and chat template
+    are the same bytes (the source's hash is checked), so every answer would be the same.
+    """
+    import shutil
+
+    from .steps import Step
+
+    source = Path(info.get("source", ""))
+    if not info.get("source_sha256") or not source.is_file():
+        return
+    round_no = export.get("round", -1)
+    done = run_dir.sft_eval if round_no == 0 else run_dir.round(round_no).eval if round_no > 0 else None
+    prior = Step("eval", done, {}).manifest() if done is not None else None
+    if not prior or prior.get("status") != "complete" or prior.get("gguf") != str(source):
+        return
+    records = eval_records(recipe)
+    if prior["key"] != eval_step(done, policy_material(recipe, records, adapter_hash=export["adapter_sha256"])).key:
+        return  # evaluated with other settings or questions
+    out = run_dir.quant_eval(quant)
+    step = eval_step(out, policy_material(recipe, records, gguf_hash=info["sha256"]), run_dir.stale, label="eval")
+    if step.complete or sha256_file(source) != info["source_sha256"] or step.begin(console) == "complete":
+        return
+    shutil.copyfile(done / "predictions.jsonl", out / "predictions.jsonl")
+    summary = read_json(done / "summary.json")
+    atomic_write_json(out / "summary.json", summary)
+    step.done(summary, outputs=["predictions.jsonl"], gguf=str(run_dir.export / info["file"]), reused_from=str(done))
+    console.print(f"[green]eval {info['file']}: the same tensors as {done}'s policy GGUF; its evaluation reused[/]")
 
 
 def check(recipe: Any, run_dir: Any, console: Console) -> None:
