@@ -468,11 +468,14 @@ def load_recipe_data(cfg: Any, split: str = "all", console: Any = None) -> list[
     seen: set[str] = set()
     for src in cfg.sources:
         src = src if isinstance(src, dict) else src.model_dump()
-        if src["path"] == "skills":  # generated, not read: medcritical.skills
-            from .skills import questions
+        if src["path"] == "skills" or src["path"].startswith("skills:"):  # generated: medcritical.skills
+            from .skills import SKILLS, questions
 
-            path = Path("skills")
-            res = LoadResult(questions(src.get("limit") or 1200), [])
+            path = Path(src["path"])
+            kinds = tuple(src["path"].partition(":")[2].split(",")) if ":" in src["path"] else SKILLS
+            if not set(kinds) <= set(SKILLS):
+                raise UserError(f"data.sources: {src['path']}: unknown skill; skills: {', '.join(SKILLS)}")
+            res = LoadResult(questions(src.get("limit") or 1200, skills=kinds), [])
         else:
             path = demo_path() if src["path"] == "demo" else Path(src["path"])
             res = load_questions(path, fmt=src.get("format", "auto"), strict=cfg.strict)

@@ -181,6 +181,9 @@ class PairsCfg(Section):
     strategy: Literal["correction", "self-consistency", "mixed"] = "correction"
     max_per_question: int = Field(2, gt=0)
     max_length: int = Field(2048, gt=0)
+    # Whether a right sample must be in the student layout to be chosen (a correction always must: its last
+    # template is what is trained). Unset: required unless rounds.force_answer is on.
+    require_layout: bool | None = None
 
 
 class DpoCfg(Section):

@@ -12,15 +12,20 @@ The MedCritical loop, per round:
    a correct sample (``self-consistency``) or both (``mixed``); rejected = the
    wrong trajectory; the prompt is the original question.
 
-What may become ``chosen`` is strict: the reply must be in the student's layout
-(plan and reasoning sections, :func:`~medcritical.prompts.split_template`) and
-state the key on its own final answer line
-(:func:`~medcritical.grading.committed_answer`). The lenient reader that scores
-evaluations (:func:`~medcritical.grading.extract_answer`) may count a reply as
-right that commits to nothing ("The correct answer is:" and nothing after it);
-DPO must never learn to prefer such a reply. A verified correction is trained
-as its last template (a correction often quotes the wrong trajectory first),
-rendered in the student layout.
+What may become ``chosen`` is strict: the reply must state the key on its
+final answer line (:func:`~medcritical.grading.committed_answer`). The lenient
+reader that scores evaluations (:func:`~medcritical.grading.extract_answer`)
+may count a reply as right that commits to nothing ("The correct answer is:"
+and nothing after it); DPO must never learn to prefer such a reply. A verified
+correction must also be in the student's layout (plan and reasoning sections,
+:func:`~medcritical.prompts.split_template`): what is trained as chosen is its
+last template (a correction often quotes the wrong trajectory first), rendered
+in the layout, as the answer to the bare question. The paper trains on the
+correction trajectory; we train its final template, so the policy learns to
+answer right the first time rather than to write critiques of answers it was
+never shown. A right rollout sample is chosen in the layout when it wrote one,
+else as written (``rounds.pairs.require_layout``). The rejected side is
+rendered the same way, so both sides read alike where the student wrote alike.
 
 **Every trajectory commits** (``rounds.force_answer``, on by default). A
 small student often stops, or is cut off, before its answer line. Such a reply
@@ -78,11 +83,12 @@ def _bar(console: Console, label: str, total: int, done: int) -> tuple[Progress,
     return prog, prog.add_task(label, total=total, completed=done, stats="")
 
 
-def as_chosen(text: str, q: MCQ, lang: str) -> tuple[str | None, str]:
+def as_chosen(text: str, q: MCQ, lang: str, layout: bool = True) -> tuple[str | None, str]:
     """``text`` rewritten as a chosen reply, or None with the reason it may not be one.
 
-    It must be in the student layout and state the key on its final answer
-    line; the result is its last template with that answer line.
+    It must state the key on its final answer line. In the student layout, the
+    result is its last template with that answer line; a reply without the
+    layout may be chosen as it is only when ``layout`` is False.
     """
     stated = committed_answer(text, q.options.keys())
     if stated is None:
@@ -91,8 +97,14 @@ def as_chosen(text: str, q: MCQ, lang: str) -> tuple[str | None, str]:
         return None, "wrong_answer"
     parts = split_template(text, lang)  # type: ignore[arg-type]
     if parts is None:
-        return None, "no_layout"
+        return (None, "no_layout") if layout else (text.strip(), "ok_as_written")
     return render_template(parts[0], parts[1], stated, lang), "ok"  # type: ignore[arg-type]
+
+
+def layout_required(recipe: Recipe) -> bool:
+    """``rounds.pairs.require_layout``; unset: required unless answers are forced (the older rule)."""
+    want = recipe.rounds.pairs.require_layout
+    return (not recipe.rounds.force_answer) if want is None else want
 
 
 def pick_letters(scores: dict[str, float], multi: bool) -> set[str]:
@@ -294,18 +306,20 @@ def build_pairs(
                 continue
             q = byid[row["id"]]
             lang = choose_lang(q.question, recipe.language)
-            good = [s for s in row["samples"] if s["correct"] and s.get("committed")]
-            stats["not_committed"] += sum(s["correct"] and not s.get("committed") for s in row["samples"])
+            need_layout = layout_required(recipe)
+            good = [s for s in row["samples"] if s["correct"] and as_chosen(s["text"], q, lang, need_layout)[0]]
+            stats["not_committed"] += sum(s["correct"] for s in row["samples"]) - len(good)
             # wrong samples in the student layout first: the pair then differs in content, not in format
             bad = sorted((s for s in row["samples"] if not s["correct"]),
                          key=lambda s: split_template(s["text"], lang) is None)  # fmt: skip
             for g, b in zip(good, bad):
                 candidates.setdefault(row["id"], []).append(
-                    (as_chosen(g["text"], q, lang)[0], as_rejected(b, lang), "self-consistency",
+                    (as_chosen(g["text"], q, lang, need_layout)[0], as_rejected(b, lang), "self-consistency",
                      g.get("answered"), b.get("answered"))
                 )  # fmt: skip
     stats["candidates"] = sum(map(len, candidates.values()))
-    for key in ("correction", "self-consistency", "chosen_forced", "rejected_forced", "rejected_no_answer"):
+    for key in ("correction", "self-consistency", "chosen_forced", "rejected_forced", "rejected_no_answer",
+                "chosen_layout", "rejected_layout"):  # fmt: skip
         stats[key] = 0
     pairs = []
     for qid in sorted(candidates, key=lambda i: order.get(i, len(order))):
@@ -336,6 +350,8 @@ def build_pairs(
             stats["chosen_forced"] += chosen_by == "forced"
             stats["rejected_forced"] += rejected_by == "forced"
             stats["rejected_no_answer"] += committed_answer(rejected, q.options.keys()) is None
+            stats["chosen_layout"] += split_template(chosen, lang) is not None
+            stats["rejected_layout"] += split_template(rejected, lang) is not None
             pairs.append(
                 {
                     "id": f"{qid}#{kept}",

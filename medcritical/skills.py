@@ -5,15 +5,16 @@ newcomer could not see whether SFT or the self-correction rounds move anything. 
 exact, checkable and learnable by a small model from a few hundred worked examples, and each wrong option
 is a typical error:
 
-* ``lab``: classify a lab value against the reference range given in the stem (low / normal / high, or a
-  term for another analyte);
+* ``lab``: classify a lab value against the reference range given in the stem (options in the usual
+  order: low, normal, high, and a term for another analyte);
 * ``dose``: a weight-based dose, dose per kg x weight (added, divided, or a tenfold slip);
 * ``units``: a mass or volume conversion by 1000 (multiplied when it should divide, or by 10 or 100).
 
 Each question carries a worked explanation written by rule (a plan line, then the working), which the
 ``dataset`` teacher turns into a short template (:func:`template`); the key never appears in the stem or
 the options. ``path: skills`` in a recipe's data
-sources loads :func:`questions` (deterministic: the same ``n`` and ``seed`` give the same questions).
+sources loads :func:`questions` (deterministic: the same ``n`` and ``seed`` give the same questions);
+``path: skills:lab`` (or ``skills:dose,units``) only those skills.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .data import MCQ
 
 SKILLS = ("lab", "dose", "units")
 SOURCE = "medcritical-skills"
+SHUFFLED = ("dose", "units")  # options in random order; a lab question keeps the usual low/normal/high order
 
 # analyte, unit, (low, high) reference range, (low term, normal term, high term), decimals
 _LABS = (
@@ -68,8 +70,9 @@ def _lab(rng: random.Random) -> tuple[str, dict[str, bool], str]:
     value = max(round(value, dec), step)
     other = rng.choice([t for t in _LABS if t[0] != name])
     shown = _num(value, dec)
+    who = f"A {rng.randint(18, 90)}-year-old {rng.choice(('man', 'woman'))}'s"
     stem = (
-        f"A patient's {name} is {shown} {unit} (reference range {_num(lo, dec)}-{_num(hi, dec)} {unit}). "
+        f"{who} {name} is {shown} {unit} (reference range {_num(lo, dec)}-{_num(hi, dec)} {unit}). "
         "How is this result best described?"
     )
     where = (
@@ -85,6 +88,7 @@ def _lab(rng: random.Random) -> tuple[str, dict[str, bool], str]:
         f"Compare the {name} value with its reference range, {_num(lo, dec)}-{_num(hi, dec)} {unit}.\n"
         f"{shown} {unit} is {where}: {level} ({terms[kind].lower()})."
     )
+    # In the usual order of a lab-interpretation question: low, normal, high, then a term for another analyte.
     options = {t: i == kind for i, t in enumerate(terms)} | {distractor: False}
     return stem, options, why
 
@@ -148,7 +152,8 @@ def questions(n: int = 1200, seed: int = 0, skills: tuple[str, ...] = SKILLS) ->
             continue
         seen.add(stem)
         texts = list(options)
-        rng.shuffle(texts)
+        if kind in SHUFFLED:
+            rng.shuffle(texts)
         letters = "ABCD"
         out.append(
             MCQ(
