@@ -22,7 +22,6 @@ round by K (the rest of the recipe as it is).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import subprocess
@@ -89,7 +88,9 @@ def stages(run: RunDir) -> list[tuple[str, Path | None, str | None]]:
         if row["adapter_hash"] in seen:
             continue  # a round without pairs carried its policy over: the same model
         seen.add(row["adapter_hash"])
-        out.append(("sft" if row["round"] == 0 else f"round {row['round']}", run.root / row["adapter"], row["adapter_hash"]))
+        out.append(
+            ("sft" if row["round"] == 0 else f"round {row['round']}", run.root / row["adapter"], row["adapter_hash"])
+        )
     return out
 
 
@@ -158,13 +159,18 @@ def main() -> int:
 
 
 def markdown(results: dict) -> str:
-    lines = ["| set / mode | stage | n | accuracy | 95% CI | vs previous (diff, 95% CI, McNemar p) |", "|---|---|---:|---:|---|---|"]
+    lines = [
+        "| set / mode | stage | n | accuracy | 95% CI | vs previous (diff, 95% CI, McNemar p) |",
+        "|---|---|---:|---:|---|---|",
+    ]
     for key, rows in results["evals"].items():
         for row in rows:
             v = row.get("vs_previous")
             vs = f"{v['diff']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}], p={v['mcnemar_p']}" if v else "-"
             lo, hi = row["ci95"]
-            lines.append(f"| {key} | {row['stage']} | {row['n']} | {row['accuracy']:.3f} | [{lo:.3f}, {hi:.3f}] | {vs} |")
+            lines.append(
+                f"| {key} | {row['stage']} | {row['n']} | {row['accuracy']:.3f} | [{lo:.3f}, {hi:.3f}] | {vs} |"
+            )
     return "\n".join(lines)
 
 
