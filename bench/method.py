@@ -35,21 +35,12 @@ sys.path.insert(0, str(ROOT))
 from rich.console import Console  # noqa: E402
 
 from medcritical.artifacts import JsonlLog, atomic_write_json, read_json  # noqa: E402
+from medcritical.benchmarks import wilson  # noqa: E402
 from medcritical.evaluate import eval_policy  # noqa: E402
 from medcritical.layout import RunDir  # noqa: E402
 from medcritical.recipe import load_recipe  # noqa: E402
 
 CMEXAM = ROOT.parent / "shared" / "data" / "cmexam" / "val-dev.csv"
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of k successes in n."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    p = k / n
-    mid = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (round(mid - half, 4), round(mid + half, 4))
 
 
 def mcnemar_p(b: int, c: int) -> float:

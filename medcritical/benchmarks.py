@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .data import MCQ, BadRecord, LoadResult, _collect, _Rows, describe_skips, load_questions
+from .data import MCQ, BadRecord, LoadResult, _collect, _Rows, describe_skips, load_questions, load_saved_dataset
 from .errors import UserError
 
 LETTERS = "ABCDEFGHIJ"
@@ -309,17 +309,7 @@ def _csv_rows(path: Path, bench: Bench) -> Iterator[tuple[int, Row | BadRecord]]
 
 def _arrow_rows(path: Path) -> Iterator[tuple[int, Row | BadRecord]]:
     if path.is_dir():
-        import datasets  # slow to import: only for a saved folder
-
-        try:
-            ds = datasets.load_from_disk(str(path))
-        except (FileNotFoundError, ValueError) as e:
-            raise UserError(f"{path}: not a saved datasets directory: {e}") from None
-        if isinstance(ds, datasets.DatasetDict):
-            if len(ds) != 1:
-                raise UserError(f"{path}: holds splits {', '.join(ds)}; point at one of them ({path}/<split>)")
-            ds = next(iter(ds.values()))
-        rows = iter(ds)
+        rows = iter(load_saved_dataset(path))
     else:
         import pyarrow.parquet as pq
 

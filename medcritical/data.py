@@ -288,16 +288,7 @@ def _read_medqa(path: Path, source: str) -> _Rows:
 
 def _read_hf_disk(path: Path, source: str | None) -> _Rows:
     """A ``save_to_disk`` directory with the normalized columns; row = index + 1."""
-    import datasets  # slow to import: only when this format is used
-
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except (FileNotFoundError, ValueError) as e:
-        raise UserError(f"{path}: not a saved datasets directory: {e}") from None
-    if isinstance(ds, datasets.DatasetDict):
-        if len(ds) != 1:
-            raise UserError(f"{path}: holds splits {', '.join(ds)}; save the one to load on its own")
-        ds = next(iter(ds.values()))
+    ds = load_saved_dataset(path)
     for row, obj in enumerate(ds, start=1):
         # Arrow stores options as a struct with every letter any row uses; a
         # four-option row reads back with "E": None, which is no option at all.
@@ -309,6 +300,21 @@ def _read_hf_disk(path: Path, source: str | None) -> _Rows:
             yield row, MCQ.from_dict(obj), "id"
         except BadRecord as e:
             yield row, e, "id"
+
+
+def load_saved_dataset(path: Path) -> Any:
+    """A ``datasets`` folder saved with ``save_to_disk``: its one split (a folder of several is refused)."""
+    import datasets  # slow to import: only when a saved folder is read
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(f"{path}: not a saved datasets directory: {e}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if len(ds) != 1:
+            raise UserError(f"{path}: holds splits {', '.join(ds)}; point at one of them ({path}/<split>)")
+        ds = next(iter(ds.values()))
+    return ds
 
 
 def _sniff(path: Path) -> str:

@@ -139,8 +139,9 @@ def open_policy(
 
         with console.status(f"starting llama.cpp server on {gguf} ({srv.parallel} process(es))..."):
             server = LlamaCppServer(
-                gguf, n_ctx=recipe.eval.n_ctx, n_parallel=srv.parallel, log_file=gguf.parent / "server.log"
-            ).start()
+                gguf, n_ctx=recipe.eval.n_ctx, n_parallel=srv.parallel, log_file=gguf.parent / "server.log",
+                logits_all=recipe.rounds.force_answer,
+            ).start()  # fmt: skip
         return server.engine()  # two requests in flight per process: one decoding, the next queued
     if kind == "vllm":
         return _vllm(recipe, adapter, adapter_hash, cache, console)

@@ -18,12 +18,18 @@ from .steps import Step
 
 
 def accuracy_rows(run: RunDir) -> list[dict[str, Any]]:
-    """Dev accuracy per stage: base, SFT, each DPO round (the policy marked), each exported quant (the shipped one marked)."""
+    """Dev accuracy per stage with its 95% interval: base, SFT, each DPO round (the policy marked), each exported
+    quant (the shipped one marked)."""
+    from .benchmarks import wilson
+
     rows = []
 
     def add(stage: str, s: dict[str, Any] | None, n: int | None = None) -> None:
         if s:
-            rows.append({"stage": stage, "accuracy": s.get("accuracy"), "parse_rate": s.get("parse_rate"), "n": n})
+            acc = s.get("accuracy")
+            ci = wilson(round(acc * n), n) if acc is not None and n else None
+            rows.append({"stage": stage, "accuracy": acc, "ci95": list(ci) if ci else None,
+                         "parse_rate": s.get("parse_rate"), "n": n})  # fmt: skip
 
     ev = read_json(run.eval / "summary.json") if (run.eval / "summary.json").is_file() else {}
     n = (ev.get("base") or {}).get("n")
@@ -53,8 +59,10 @@ def loss_curves(run: RunDir) -> dict[str, list[tuple[float, float]]]:
     return curves
 
 
-PAIR_KEYS = ("sample_accuracy", "sample_committed", "corrections_tried", "corrections_verified", "pairs_candidates",
-             "pairs_not_committed", "pairs_pairs", "dpo_steps")  # fmt: skip
+PAIR_KEYS = ("sample_accuracy", "chance", "sample_forced", "sample_forced_accuracy", "sample_cut",
+             "corrections_tried", "corrections_verified", "correction_cut", "pairs_candidates", "pairs_not_committed",
+             "pairs_pairs", "pairs_correction", "pairs_self-consistency", "dpo_steps", "dpo_loss_first",
+             "dpo_loss_last", "dpo_reward_margin_last")  # fmt: skip
 
 
 def pair_rows(run: RunDir) -> list[dict[str, Any]]:
@@ -203,7 +211,7 @@ def write_run_report(run: RunDir, recipe: Recipe, stages: dict[str, Any]) -> dic
         "",
         f"## Accuracy on the {recipe.eval.split} split",
         "",
-        *_md_table(acc, ["stage", "accuracy", "parse_rate", "n"]),
+        *_md_table(acc, ["stage", "accuracy", "ci95", "parse_rate", "n"]),
         "",
         "## Self-correction rounds",
         "",

@@ -235,6 +235,7 @@ class OpenAIEngine:
         self.gguf = getattr(server, "gguf", None)  # what a llama.cpp server samples (recorded like LlamaCppEngine's)
         self.clients = [openai_client(u, api_key, timeout, max_retries=retries) for u in self.base_urls]
         self._render = make_renderer(tokenizer_or_template)
+        self._templated = tokenizer_or_template is not None  # else render() shows JSON, not the model's prompt
 
     def render(self, messages: Messages) -> str:
         return self._render(messages)
@@ -250,8 +251,14 @@ class OpenAIEngine:
         seed: int = 0,
         batch_size: int | None = None,
         on_done: Progress | None = None,
+        prefix: str | Sequence[str] = "",
     ) -> list[list[str]]:
-        """``n`` completions for each prompt; ``on_done(1)`` as each prompt's last sample arrives."""
+        """``n`` completions for each prompt; ``on_done(1)`` as each prompt's last sample arrives. With a
+        ``prefix`` the reply starts with it: the prompt is rendered here and sent as a text completion."""
+        starts = [prefix] * len(prompts) if isinstance(prefix, str) else list(prefix)
+        if any(starts):
+            self._need_template("a reply started with a prefix")
+            prompts = [self.render(m) + pf for m, pf in zip(prompts, starts)]  # type: ignore[misc]
         sample = temperature > 0
         per = n if sample else 1  # greedy decoding gives one answer however often it is asked
         out: list[list[str]] = [[""] * per for _ in prompts]
@@ -289,13 +296,31 @@ class OpenAIEngine:
             stop.set()  # queued requests are cancelled; those in flight end on their own, unwaited
             for pool in pools:
                 pool.shutdown(wait=False, cancel_futures=True)
+        out = [[(pf + t).strip() if pf else t for t in texts] for pf, texts in zip(starts, out)]
         return [texts if len(texts) == n else texts * n for texts in out]
 
-    def _call(self, k: int, messages: Messages, params: dict[str, Any], stop: threading.Event) -> str:
+    def _need_template(self, what: str) -> None:
+        if self._templated is False:
+            raise UserError(
+                f"{self.name}: {what} needs the served model's chat template (give the engine its tokenizer, "
+                "model directory or GGUF), or set rounds.force_answer: false and rounds.rollouts.lead: false"
+            )
+
+    def _call(self, k: int, messages: Messages | str, params: dict[str, Any], stop: threading.Event) -> str:
         if stop.is_set():
             raise Stopped
         self._check_server()
         where = f"{self.name} server {self.base_urls[k]}"
+        if isinstance(messages, str):  # a rendered prompt: a text completion
+            resp = call_openai(
+                lambda: self.clients[k].completions.create(
+                    model=self.model, prompt=messages, extra_body=self.extra_body or None, **params
+                ),
+                tries=self.retries + 1, where=where, model=self.model,
+            )  # fmt: skip
+            if not resp.choices:
+                raise UserError(f"{where}: the reply for model {self.model!r} has no choices")
+            return resp.choices[0].text or ""
         resp = call_openai(
             lambda: self.clients[k].chat.completions.create(
                 model=self.model,
@@ -325,7 +350,32 @@ class OpenAIEngine:
         return UserError(what)
 
     def letter_logprobs(self, prompts, prefixes, letters):
-        raise UserError(f"{self.name}: log-likelihood mode needs an in-process engine (transformers or llamacpp)")
+        """The letters' log-probabilities after ``render(prompt) + prefix``, from the server's top-20 next-token
+        log-probabilities of a one-token text completion (vLLM and llama.cpp's server give them); a letter
+        outside the top 20 gets the 20th's value (an upper bound)."""
+        self._need_template("scoring option letters")
+        out = []
+        for i, (msgs, prefix, lets) in enumerate(zip(prompts, prefixes, letters)):
+            k = i % len(self.base_urls)
+            where = f"{self.name} server {self.base_urls[k]}"
+            text = self.render(msgs) + prefix
+            try:
+                resp = call_openai(
+                    lambda k=k, text=text: self.clients[k].completions.create(
+                        model=self.model, prompt=text, max_tokens=1, temperature=0.0, logprobs=20,
+                        extra_body=self.extra_body or None,
+                    ),
+                    tries=self.retries + 1, where=where, model=self.model,
+                )  # fmt: skip
+            except CallFailed as e:
+                raise self._failure(e) from None
+            lp = resp.choices[0].logprobs if resp.choices else None
+            top = (lp.top_logprobs or [None])[0] if lp is not None else None
+            if not top:
+                raise UserError(f"{where}: no log-probabilities in the reply; this server cannot score letters")
+            floor = min(top.values())
+            out.append({x: max((v for t, v in top.items() if t.strip() == x), default=floor) for x in lets})
+        return out
 
     def close(self) -> None:
         """Close the HTTP clients, and stop the server this engine owns."""

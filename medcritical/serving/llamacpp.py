@@ -47,7 +47,10 @@ class LlamaCppServer:
         python: str | None = None,
         startup_timeout: float = 120.0,
         alias: str = "policy",
+        logits_all: bool = False,
     ) -> None:
+        """``logits_all``: keep every position's logits, which llama-cpp-python's server needs to return
+        log-probabilities (forced answers score the option letters through them)."""
         gguf = Path(gguf)
         if not gguf.is_file():
             raise UserError(f"{gguf}: no such GGUF file")
@@ -72,7 +75,7 @@ class LlamaCppServer:
             port = free_port()
             cmd = [python, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", alias]
             cmd += ["--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(n_ctx)]
-            cmd += ["--n_threads", str(per), "--n_threads_batch", str(per), "--logits_all", "false"]
+            cmd += ["--n_threads", str(per), "--n_threads_batch", str(per), "--logits_all", str(logits_all).lower()]
             cmd += ["--interrupt_requests", "false", "--verbose", "false"]
             log = None
             if base_log is not None:
