@@ -8,6 +8,8 @@ evaluates every stage's policy (the untrained base, SFT = round 0, each round th
 
 * the recipe's dev split, generation mode (the run's own evaluations, reused) and log-likelihood mode
   (the option letters scored right after the question; no reasoning);
+* ``--heldout N`` (300) fresh generated questions of the run's skills (another seed; any stem the run saw
+  is left out), both modes;
 * the bundled real-exam demo questions in English (50, never trained on), both modes: the honest check
   that a 135M student stays at chance on real medicine;
 * with ``--cmexam N``: N questions of CMExam's validation split (``../shared/data/cmexam/val-dev.csv``),
@@ -36,9 +38,11 @@ from rich.console import Console  # noqa: E402
 
 from medcritical.artifacts import JsonlLog, atomic_write_json, read_json  # noqa: E402
 from medcritical.benchmarks import wilson  # noqa: E402
+from medcritical.data import load_recipe_data, skill_questions, write_jsonl  # noqa: E402
 from medcritical.evaluate import eval_policy  # noqa: E402
 from medcritical.layout import RunDir  # noqa: E402
 from medcritical.recipe import load_recipe  # noqa: E402
+from medcritical.skills import SKILLS  # noqa: E402
 
 CMEXAM = ROOT.parent / "shared" / "data" / "cmexam" / "val-dev.csv"
 
@@ -90,6 +94,7 @@ def main() -> int:
     ap.add_argument("--recipe", default=str(ROOT / "recipes" / "demo-cpu.yaml"))
     ap.add_argument("--scale", type=int, default=1, help="multiply SFT steps and questions per round")
     ap.add_argument("--cmexam", type=int, default=0, help="also N CMExam validation questions (loglik)")
+    ap.add_argument("--heldout", type=int, default=300, help="fresh generated questions of the run's skills")
     ap.add_argument("--out", default=str(ROOT / "bench" / "measured" / "method-demo.json"))
     ap.add_argument("overrides", nargs="*", help="recipe overrides, key.sub=value")
     args = ap.parse_args()
@@ -109,10 +114,17 @@ def main() -> int:
     recipe = load_recipe(args.recipe, overrides)
     run = RunDir.of(recipe)
     exam = {"sources": [{"path": "demo", "lang": "en"}], "dev": 0.0, "test": 0.0}
-    sets = {
-        "dev": (recipe.data.model_dump(), "dev", recipe.eval.max_new_tokens),
-        "exam-en": (exam, "all", 256),
-    }
+    sets = {"dev": (recipe.data.model_dump(), "dev", recipe.eval.max_new_tokens)}
+    if args.heldout:  # fresh generated questions (another seed), none with a stem the run saw
+        seen = {q.question for q in load_recipe_data(recipe.data)}
+        kinds = tuple(recipe.data.sources[0].path.partition(":")[2].split(",")) or SKILLS
+        fresh = [q for q in skill_questions(args.heldout + 200, seed=1, skills=kinds) if q.question not in seen]
+        path = run.root / "method" / "heldout.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(fresh[: args.heldout], path)
+        sets["heldout"] = ({"sources": [{"path": str(path)}], "dev": 0.0, "test": 0.0}, "all",
+                           recipe.eval.max_new_tokens)  # fmt: skip
+    sets["exam-en"] = (exam, "all", 256)
     if args.cmexam:
         if not CMEXAM.is_file():
             raise SystemExit(f"{CMEXAM}: not found (the CMExam validation file beside the project)")
@@ -142,6 +154,7 @@ def main() -> int:
                 b["vs_previous"] = paired(a["_correct"], b["_correct"])
             for row in rows:
                 row.pop("_correct")
+            atomic_write_json(Path(args.out), results)  # after each evaluation set: a long run keeps what it has
     results["rounds"] = read_json(run.rounds_json)["rounds"]
     results["run_wall_s"] = round(run_wall)
     atomic_write_json(Path(args.out), results)

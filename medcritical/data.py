@@ -21,8 +21,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from . import skills
 from .errors import UserError
 from .prompts import detect_lang
+from .skills import rows as skills_rows
 
 FORMATS = ("cmexam", "jsonl", "medqa", "hf-disk")
 SPLITS = ("train", "dev", "test")
@@ -458,6 +460,11 @@ def records_hash(records: Iterable[MCQ]) -> str:
     return h.hexdigest()
 
 
+def skill_questions(n: int = 1200, seed: int = 0, skills: tuple[str, ...] = skills.SKILLS) -> list[MCQ]:
+    """The generated skill questions (:mod:`medcritical.skills`) as MCQs, through the same checks as any file."""
+    return [MCQ.from_dict(r) for r in skills_rows(n, seed, skills)]
+
+
 def demo_path() -> Path:
     """The bundled 100-question demo set (normalized JSONL), for runs without data."""
     return Path(__file__).parent / "assets" / "demo.jsonl"
@@ -475,13 +482,11 @@ def load_recipe_data(cfg: Any, split: str = "all", console: Any = None) -> list[
     for src in cfg.sources:
         src = src if isinstance(src, dict) else src.model_dump()
         if src["path"] == "skills" or src["path"].startswith("skills:"):  # generated: medcritical.skills
-            from .skills import SKILLS, questions
-
             path = Path(src["path"])
-            kinds = tuple(src["path"].partition(":")[2].split(",")) if ":" in src["path"] else SKILLS
-            if not set(kinds) <= set(SKILLS):
-                raise UserError(f"data.sources: {src['path']}: unknown skill; skills: {', '.join(SKILLS)}")
-            res = LoadResult(questions(src.get("limit") or 1200, skills=kinds), [])
+            kinds = tuple(src["path"].partition(":")[2].split(",")) if ":" in src["path"] else skills.SKILLS
+            if not set(kinds) <= set(skills.SKILLS):
+                raise UserError(f"data.sources: {src['path']}: unknown skill; skills: {', '.join(skills.SKILLS)}")
+            res = LoadResult(skill_questions(src.get("limit") or 1200, skills=kinds), [])
         else:
             path = demo_path() if src["path"] == "demo" else Path(src["path"])
             res = load_questions(path, fmt=src.get("format", "auto"), strict=cfg.strict)

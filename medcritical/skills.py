@@ -13,7 +13,7 @@ is a typical error:
 Each question carries a worked explanation written by rule (a plan line, then the working), which the
 ``dataset`` teacher turns into a short template (:func:`template`); the key never appears in the stem or
 the options. ``path: skills`` in a recipe's data
-sources loads :func:`questions` (deterministic: the same ``n`` and ``seed`` give the same questions);
+sources loads them (:func:`medcritical.data.skill_questions`) (deterministic: the same ``n`` and ``seed`` give the same questions);
 ``path: skills:lab`` (or ``skills:dose,units``) only those skills.
 """
 
@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-
-from .data import MCQ
+from typing import Any
 
 SKILLS = ("lab", "dose", "units")
 SOURCE = "medcritical-skills"
@@ -52,7 +51,9 @@ _UNITS = (("g", "mg", 1000), ("mg", "micrograms", 1000), ("L", "mL", 1000), ("mg
 
 def _num(x: float, decimals: int = 3) -> str:
     """A number as a clinician writes it: no trailing zeros, no float noise."""
-    text = f"{x:.{decimals}f}".rstrip("0").rstrip(".")
+    text = f"{x:.{decimals}f}"
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
     return text if text not in ("", "-0") else "0"
 
 
@@ -132,14 +133,15 @@ _MAKERS: dict[str, Callable[[random.Random], tuple[str, dict[str, bool], str]]] 
 }
 
 
-def questions(n: int = 1200, seed: int = 0, skills: tuple[str, ...] = SKILLS) -> list[MCQ]:
-    """``n`` questions cycling through ``skills``, options shuffled, ids ``skill-<kind>-<number>``.
+def rows(n: int = 1200, seed: int = 0, skills: tuple[str, ...] = SKILLS) -> list[dict[str, Any]]:
+    """``n`` questions cycling through ``skills`` as records (``medcritical.data.skill_questions`` makes them
+    MCQs), ids ``skill-<kind>-<number>``; dose and unit options shuffled, lab options in the usual order.
 
-    A question whose options would repeat (two options with the same text) is drawn again, so every
-    question has four distinct options and one key.
+    A question whose options would repeat (two options with the same text) or whose stem was drawn before is
+    drawn again, so every question has four distinct options, one key and a stem of its own.
     """
     rng = random.Random(f"medcritical-skills:{seed}")
-    out: list[MCQ] = []
+    out: list[dict[str, Any]] = []
     seen: set[str] = set()
     misses = 0
     while len(out) < n:
@@ -156,19 +158,19 @@ def questions(n: int = 1200, seed: int = 0, skills: tuple[str, ...] = SKILLS) ->
             rng.shuffle(texts)
         letters = "ABCD"
         out.append(
-            MCQ(
-                id=f"skill-{kind}-{len(out) + 1:04d}",
-                question=stem,
-                options={letters[i]: t for i, t in enumerate(texts)},
-                answer=(letters[texts.index(next(t for t, ok in options.items() if ok))],),
-                explanation=why,
-                source=f"{SOURCE}:{kind}",
-            )
+            {
+                "id": f"skill-{kind}-{len(out) + 1:04d}",
+                "question": stem,
+                "options": {letters[i]: t for i, t in enumerate(texts)},
+                "answer": [letters[texts.index(next(t for t, ok in options.items() if ok))]],
+                "explanation": why,
+                "source": f"{SOURCE}:{kind}",
+            }
         )
     return out
 
 
-def template(mcq: MCQ) -> tuple[str, str]:
+def template(mcq: Any) -> tuple[str, str]:
     """(plan, working) of a generated question: its explanation's first line, then the rest."""
     plan, _, steps = mcq.explanation.partition("\n")
     return plan.strip(), steps.strip()

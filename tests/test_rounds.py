@@ -78,8 +78,11 @@ def test_one_round_pairs_are_verified_and_dpo_loss_falls(tiny_llama: Path, tmp_p
         assert p["prompt"][-1]["role"] == "user" and p["chosen"][0]["role"] == "assistant"
         chosen = p["chosen"][0]["content"]
         assert chosen != p["rejected"][0]["content"]
-        # A chosen reply commits: the student layout and the key on its own final answer line.
-        assert committed_answer(chosen, "ABCDE") is not None and split_template(chosen) is not None
+        # A chosen reply commits: the key on its own final answer line (stated or forced); a correction's is its
+        # last template, in the student layout. Both sides end in an answer line.
+        assert committed_answer(chosen, "ABCDE") is not None
+        assert committed_answer(p["rejected"][0]["content"], "ABCDE") is not None
+        assert p["kind"] != "correction" or split_template(chosen) is not None
     corr = JsonlLog(rd.corrections_log)
     for c in corr.values():
         if c["verified"]:

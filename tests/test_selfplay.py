@@ -12,12 +12,12 @@ from rich.console import Console
 
 from medcritical import selfplay
 from medcritical.artifacts import JsonlLog
+from medcritical.data import skill_questions
 from medcritical.default_model import default_gguf
 from medcritical.engines import HFEngine, LlamaCppEngine, sample_replies
 from medcritical.grading import committed_answer
 from medcritical.prompts import ANSWER_CUE, answer_line, correction_messages, lead, question_messages
 from medcritical.recipe import load_recipe
-from medcritical.skills import questions
 
 SHORT = [
     "language=en",
@@ -55,7 +55,7 @@ def engine():
 
 def _round(engine, tmp_path: Path, *extra: str):
     recipe = load_recipe(None, [f"output_dir={tmp_path}", *SHORT, *extra])
-    qs = questions(8)
+    qs = skill_questions(8)
     con = Console(stderr=True)
     rec = Recording(engine)
     rolled = selfplay.rollouts(recipe, rec, qs, tmp_path / "rollouts.jsonl", con)
@@ -109,7 +109,7 @@ def test_force_answer_off_keeps_the_older_reading(engine, tmp_path: Path):
 
 def test_in_decoder_scores_equal_a_second_pass(engine):
     """The letters scored where each sequence ends equal llama.cpp's scores on prompt + reply + cue."""
-    qs = questions(3)
+    qs = skill_questions(3)
     msgs = [question_messages(q.question, q.options, q.multi, "en") for q in qs]
     got = sample_replies(
         engine, msgs, letters=[list(q.options) for q in qs], cue=[ANSWER_CUE["en"]] * 3, prefix=lead("en"),
@@ -129,7 +129,7 @@ def test_transformers_scores_only_what_does_not_commit(tiny_llama: Path):
 
     loaded = load_model(ModelCfg(load_in_4bit=False), path=str(tiny_llama))
     eng = HFEngine(loaded.model, loaded.tokenizer)
-    qs = questions(2)
+    qs = skill_questions(2)
     msgs = [question_messages(q.question, q.options, q.multi, "en") for q in qs]
     got = sample_replies(
         eng, msgs, letters=[list(q.options) for q in qs], cue=[ANSWER_CUE["en"]] * 2, prefix=[lead("en")] * 2,
@@ -142,7 +142,7 @@ def test_transformers_scores_only_what_does_not_commit(tiny_llama: Path):
 
 
 def test_correction_prompt_says_no_answer_was_stated():
-    q = questions(1)[0]
+    q = skill_questions(1)[0]
     unstated = correction_messages(q.question, q.options, False, "en", "### Plan\nCompare", "wrong", stated=False)
     stated = correction_messages(q.question, q.options, False, "en", "### Plan\nx\nAnswer: A", "wrong")
     assert "never states a final answer" in unstated[-1]["content"] and "wrong" not in unstated[-1]["content"]
