@@ -112,6 +112,7 @@ def open_policy(
     *,
     gguf: Path | None = None,
     adapter_hash: str | None = None,
+    keep_intermediate: bool = True,
 ) -> Any:
     """The base + ``adapter`` (None: the base alone) on the recipe's engine, or ``gguf`` on llama.cpp.
 
@@ -131,7 +132,8 @@ def open_policy(
         if gguf is None:
             gguf = policy_gguf(
                 recipe.model.name_or_path, adapter, cache, console=console, adapter_hash=adapter_hash,
-                keep_intermediate=adapter is not None,  # the rounds prune all but the selected policy's
+                # the rounds prune all but the selected policy's; a corrector needs only its q8_0
+                keep_intermediate=keep_intermediate and adapter is not None,
             ).path  # fmt: skip
         if kind == "llamacpp":
             return LlamaCppEngine(gguf, n_ctx=recipe.eval.n_ctx, seed=recipe.seed)
@@ -206,16 +208,24 @@ def _vllm(recipe: Any, adapter: Path | None, adapter_hash: str | None, cache: Pa
 class LazyPolicy:
     """A policy engine built on first use: a resumed step whose generations are all on disk loads nothing."""
 
-    def __init__(self, recipe: Any, adapter: Path | None, console: Console, adapter_hash: str | None = None) -> None:
+    def __init__(
+        self,
+        recipe: Any,
+        adapter: Path | None,
+        console: Console,
+        adapter_hash: str | None = None,
+        keep_intermediate: bool = True,
+    ) -> None:
         self.args = (recipe, adapter, console)
         self.adapter_hash = adapter_hash
+        self.keep = keep_intermediate  # False: the merged weights and f16 GGUF need not stay (a corrector's)
         self.engine: Any = None
 
     def __getattr__(self, name: str) -> Any:
-        if name in ("args", "adapter_hash", "engine"):
+        if name in ("args", "adapter_hash", "engine", "keep"):
             raise AttributeError(name)
         if self.engine is None:
-            self.engine = open_policy(*self.args, adapter_hash=self.adapter_hash)
+            self.engine = open_policy(*self.args, adapter_hash=self.adapter_hash, keep_intermediate=self.keep)
         return getattr(self.engine, name)
 
     def close(self) -> None:

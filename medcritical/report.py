@@ -241,7 +241,7 @@ def print_final(run: RunDir, recipe: Recipe, report: dict[str, Any]) -> None:
 
     t = Table(title=f"{recipe.name}: accuracy on the {recipe.eval.split} split", title_justify="left")
     for c in ("stage", "accuracy", "parse rate", "n"):
-        t.add_column(c, justify="left" if c == "stage" else "right")
+        t.add_column(c, justify="left" if c == "stage" else "right", overflow="fold")
     for r in report["accuracy"]:
         acc = "-" if r["accuracy"] is None else f"{r['accuracy']:.1%}"
         parse = "-" if r["parse_rate"] is None else f"{r['parse_rate']:.1%}"

@@ -182,7 +182,8 @@ def run_round(
             corrector = policy
             if corrector_hash != start_hash:
                 policy.close()  # free it before the corrector loads
-                corrector = LazyPolicy(recipe, corrector_path, console, corrector_hash)
+                # the SFT corrector's q8_0 is kept from round 1 on: it is never merged or converted again
+                corrector = LazyPolicy(recipe, corrector_path, console, corrector_hash, keep_intermediate=False)
             corrected = selfplay.corrections(recipe, corrector, questions, rolled, rd.corrections_log, console, r)
             co.done(_correction_stats(corrected), outputs=["corrections.jsonl"], engine=corrector.info())
             corrector.close()
@@ -417,7 +418,7 @@ def write_round_report(result: dict[str, Any], run_dir: RunDir, console: Console
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     t = Table(title=f"self-correction rounds (policy: round {selected})", title_justify="left")
     for c in COLUMNS:
-        t.add_column(c.replace("_", " "), justify="right")
+        t.add_column(c.replace("_", " "), justify="right", overflow="fold")  # never cut in a log
     for row in table:
         cells = [f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "-")) for c in COLUMNS]
         cells[0] += " *" if row["round"] == selected else ""
