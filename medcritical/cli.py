@@ -109,7 +109,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .data import load_recipe_data
-    from .engines import open_engine
+    from .engines import is_gguf, open_engine
     from .evaluate import eval_step, evaluate, print_summary
 
     recipe = _recipe(args)
@@ -126,8 +126,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not records:
         raise UserError(f"eval: no questions in split {split!r}")
     model = args.model or recipe.model.name_or_path
+    if not (args.model or args.recipe or args.adapter) and model == "default":
+        # The embedded default on llama.cpp (its own GGUF, batched): the fastest engine here, not transformers.
+        from .default_model import default_gguf
+
+        model = str(default_gguf())
     mode = args.mode or ev.mode
     settings = _eval_settings(args, recipe, model, records, mode)
+    err_console.print(
+        f"eval: {len(records)} questions, {mode}, {Path(model).name} on "
+        f"{'llama.cpp (batched)' if is_gguf(model) else 'transformers'}, at most {settings['max_new_tokens']} new tokens",
+        highlight=False,
+    )
     out = Path(args.output) if args.output else Path(recipe.output_dir) / "eval" / f"{Path(model).stem}-{split}-{mode}"
     step = eval_step(out, settings, label=f"eval {out}")
     if step.begin(err_console) == "complete":

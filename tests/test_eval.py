@@ -148,7 +148,7 @@ def test_gguf_decodes_many_sequences_together_as_one_at_a_time():
     and late (token limit); each prompt evaluated once."""
     import llama_cpp
 
-    from medcritical.engines import LlamaCppEngine, sample_seed
+    from medcritical.engines import LlamaCppEngine, _common_prefix, sample_seed
 
     eng = LlamaCppEngine(default_gguf(), n_ctx=1024, n_threads=1)
     prompts = [
@@ -183,9 +183,12 @@ def test_gguf_decodes_many_sequences_together_as_one_at_a_time():
         perf = llama_cpp.llama_perf_context(ctx.ctx)
         return perf.n_p_eval + perf.n_eval
 
+    # What both prompts start with (the chat template's head) is evaluated once, for both.
     before = decoded()
     eng.generate(prompts[:2], batch_size=6, max_new_tokens=4, temperature=1.0, n=3, seed=1)
-    tokens = sum(len(eng.tokenize(eng.render(m))) for m in prompts[:2])
+    toks = [eng.tokenize(eng.render(m)) for m in prompts[:2]]
+    shared = _common_prefix(toks)
+    tokens = sum(map(len, toks)) - (shared if shared >= 16 else 0)
     assert tokens <= decoded() - before <= tokens + 3 * 6
     eng.close()
 
@@ -206,3 +209,12 @@ def test_gguf_layers_go_to_the_gpu_as_far_as_they_fit(monkeypatch) -> None:
     for free, expected in [(need + reserve, -1), (None, -1), (reserve + need // 2, layers // 2), (reserve // 2, 0)]:
         monkeypatch.setattr(gguf_file, "_free_gpu_bytes", lambda f=free: f)
         assert gguf_file.gpu_layers(facts) == expected, free
+
+
+def test_eval_without_a_model_runs_the_embedded_gguf_on_llamacpp(tmp_path: Path, capsys):
+    """No model named: the embedded default's own GGUF on llama.cpp, batched, and the line says so."""
+    out = tmp_path / "default"
+    assert main(["eval", "--limit", "2", "--max-new-tokens", "8", "--output", str(out)]) == 0
+    assert _summary(out)["engine"] == "llamacpp"
+    said = " ".join(capsys.readouterr().err.split())  # the console may wrap the line
+    assert "on llama.cpp (batched), at most 8 new tokens" in said
