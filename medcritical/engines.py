@@ -268,7 +268,8 @@ class LlamaCppEngine:
         evaluated prompt and are decoded together.
         """
         streams = 1 if temperature <= 0 else n
-        texts = self._decode_together([self.tokenize(prompt)], [seed], streams, max_new_tokens, temperature, top_p)[0]
+        done = self._decode_together([self.tokenize(prompt)], [seed], streams, max_new_tokens, temperature, top_p)[0]
+        texts = [r.text for r in done]
         return texts if len(texts) == n else texts * n
 
     def generate(

@@ -91,7 +91,11 @@ def write_recipe(path: Path, run: Path, model: Path, data: Path) -> Path:
         },  # fmt: skip
         "rounds": {
             "num_rounds": 2,
+            # The scenario needs wrong samples in round 2: its garbled replies, read as stating no answer. Forced
+            # to an answer, this student says A, the key, every time (tests/test_selfplay.py tests forcing).
+            "force_answer": False,
             "rollouts": {
+                "lead": False,
                 "k": 2,
                 "max_new_tokens": 80,
                 "questions": 6,
