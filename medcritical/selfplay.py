@@ -197,9 +197,8 @@ def rollouts(
 
 def _stated(sample: dict) -> bool:
     """Whether the model itself gave an answer (its answer line, or one the lenient reader finds)."""
-    return sample.get("answered", "stated") == "stated" or (
-        sample.get("answered") == "none" and sample["parsed"] is not None
-    )
+    how = sample.get("answered")  # absent in logs written before answers were forced
+    return how == "stated" or (how in (None, "none") and sample["parsed"] is not None)
 
 
 def to_correct(rows: Iterable[dict], byid: dict[str, MCQ], per_question: int | None) -> list[tuple[str, MCQ, dict]]:

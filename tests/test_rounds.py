@@ -280,7 +280,11 @@ def test_to_correct_caps_per_question_stated_wrong_answers_first():
     ]
     rows = [{"id": "q1", "samples": samples}, {"id": "not-in-split", "samples": samples}]
     every = to_correct(rows, {"q1": q}, None)
-    assert [(k, t) for k, _, t in every] == [("q1#2", "Answer: B"), ("q1#3", "Answer: C"), ("q1#0", "truncated")]
+    assert [(k, s["text"]) for k, _, s in every] == [
+        ("q1#2", "Answer: B"),
+        ("q1#3", "Answer: C"),
+        ("q1#0", "truncated"),
+    ]
     assert [k for k, _, _ in to_correct(rows, {"q1": q}, 1)] == ["q1#2"]
     assert load_recipe(None, ["rounds.correction.per_question=1"]).rounds.correction.per_question == 1
     with pytest.raises(UserError, match="per_question"):
