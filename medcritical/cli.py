@@ -133,11 +133,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model = str(default_gguf())
     mode = args.mode or ev.mode
     settings = _eval_settings(args, recipe, model, records, mode)
-    err_console.print(
-        f"eval: {len(records)} questions, {mode}, {Path(model).name} on "
-        f"{'llama.cpp (batched)' if is_gguf(model) else 'transformers'}, at most {settings['max_new_tokens']} new tokens",
-        highlight=False,
-    )
     out = Path(args.output) if args.output else Path(recipe.output_dir) / "eval" / f"{Path(model).stem}-{split}-{mode}"
     step = eval_step(out, settings, label=f"eval {out}")
     if step.begin(err_console) == "complete":
@@ -161,6 +156,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         step.done(summary, outputs=["predictions.jsonl"], model=str(model), adapter=args.adapter)
     print_summary(summary, title=f"{model} ({summary['engine']}, {mode}) on {split}", console=out_console)
     out_console.print(f"per-question results: {out / 'predictions.jsonl'}", highlight=False)
+    out_console.print(
+        f"setting: {len(records)} questions, {mode}, {Path(model).name} on "
+        f"{'llama.cpp (batched)' if is_gguf(model) else 'transformers'}, at most {settings['max_new_tokens']} new tokens",
+        highlight=False,
+    )
     return 0
 
 

@@ -169,7 +169,7 @@ class HFEngine:
             new = gen[:, enc["input_ids"].shape[1] :]
             decoded = self.tok.batch_decode(new, skip_special_tokens=True)
             for j, i in enumerate(idx):
-                out[i] = [(starts[i] + s).strip() for s in decoded[j * n : (j + 1) * n]] * copies
+                out[i] = [(starts[i] + s.strip()).strip() for s in decoded[j * n : (j + 1) * n]] * copies
             if on_done:
                 on_done(len(idx))
         return out

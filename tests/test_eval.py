@@ -216,5 +216,5 @@ def test_eval_without_a_model_runs_the_embedded_gguf_on_llamacpp(tmp_path: Path,
     out = tmp_path / "default"
     assert main(["eval", "--limit", "2", "--max-new-tokens", "8", "--output", str(out)]) == 0
     assert _summary(out)["engine"] == "llamacpp"
-    said = " ".join(capsys.readouterr().err.split())  # the console may wrap the line
+    said = " ".join(capsys.readouterr().out.split())  # the console may wrap the line
     assert "on llama.cpp (batched), at most 8 new tokens" in said

@@ -401,8 +401,10 @@ def test_round_on_llamacpp_server_samples_the_rounds_policy(peaked: Path, tmp_pa
     """A full round with ``engine: llamacpp-server``: the server runs the round's policy GGUF, so its greedy
     rollouts and corrections are the in-process engine's, text for text, and the server is gone afterwards."""
     monkeypatch.setenv("MEDCRITICAL_LLAMA_THREADS", "1")
-    served = _served_round(peaked, tmp_path / "served", "llamacpp-server")
-    local = _served_round(peaked, tmp_path / "local", "llamacpp")
+    # Forcing off: a server scores letters from its top-20 log-probabilities, and after this random model's
+    # cue no letter is among them (all floored), while the in-process engine scores them exactly.
+    served = _served_round(peaked, tmp_path / "served", "llamacpp-server", "rounds.force_answer=false")
+    local = _served_round(peaked, tmp_path / "local", "llamacpp", "rounds.force_answer=false")
     assert _texts(served) == _texts(local) and any(_texts(served)[0])
     rows = [json.loads(x) for x in (served / "rollouts" / "rollouts.jsonl").read_text().splitlines()]
     assert {r["engine"] for r in rows} == {"llamacpp-server"}

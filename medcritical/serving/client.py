@@ -296,7 +296,8 @@ class OpenAIEngine:
             stop.set()  # queued requests are cancelled; those in flight end on their own, unwaited
             for pool in pools:
                 pool.shutdown(wait=False, cancel_futures=True)
-        out = [[(pf + t).strip() if pf else t for t in texts] for pf, texts in zip(starts, out)]
+        # as the in-process engines join them: the prefix, then the generated text stripped
+        out = [[(pf + t.strip()).strip() if pf else t for t in texts] for pf, texts in zip(starts, out)]
         return [texts if len(texts) == n else texts * n for texts in out]
 
     def _need_template(self, what: str) -> None:
