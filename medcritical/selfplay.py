@@ -300,22 +300,23 @@ def build_pairs(
             elif c.get("verified_lenient"):
                 stats["not_committed"] += 1
     if cfg.strategy in ("self-consistency", "mixed"):
+        need_layout = layout_required(recipe)
         for row in rolled.values():
             if row["id"] not in byid:
                 continue
             q = byid[row["id"]]
             lang = choose_lang(q.question, recipe.language)
-            need_layout = layout_required(recipe)
-            good = [s for s in row["samples"] if s["correct"] and as_chosen(s["text"], q, lang, need_layout)[0]]
+            good = [
+                (s, c) for s in row["samples"] if s["correct"] and (c := as_chosen(s["text"], q, lang, need_layout)[0])
+            ]
             stats["not_committed"] += sum(s["correct"] for s in row["samples"]) - len(good)
             # wrong samples in the student layout first: the pair then differs in content, not in format
             bad = sorted((s for s in row["samples"] if not s["correct"]),
                          key=lambda s: split_template(s["text"], lang) is None)  # fmt: skip
-            for g, b in zip(good, bad):
+            for (g, chosen), b in zip(good, bad):
                 candidates.setdefault(row["id"], []).append(
-                    (as_chosen(g["text"], q, lang, need_layout)[0], as_rejected(b, lang), "self-consistency",
-                     g.get("answered"), b.get("answered"))
-                )  # fmt: skip
+                    (chosen, as_rejected(b, lang), "self-consistency", g.get("answered"), b.get("answered"))
+                )
     stats["candidates"] = sum(map(len, candidates.values()))
     for key in ("correction", "self-consistency", "chosen_forced", "rejected_forced", "rejected_no_answer",
                 "chosen_layout", "rejected_layout"):  # fmt: skip
